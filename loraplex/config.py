@@ -1,0 +1,61 @@
+"""RuntimeConfig and CatalogConfig: plain data, validated at construction; no torch import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+CATALOG_TYPES = ("memory", "storage")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """Which catalog serves adapters. `storage` needs a path; `memory` must not have one."""
+
+    catalog_type: str = "memory"
+    catalog_path: str | None = None
+
+    def __post_init__(self):
+        if self.catalog_type not in CATALOG_TYPES:
+            raise ConfigError(f"catalog_type must be one of {CATALOG_TYPES}, got {self.catalog_type!r}")
+        if self.catalog_type == "storage" and not self.catalog_path:
+            raise ConfigError("catalog_type='storage' needs catalog_path (a directory or an fsspec URL)")
+        if self.catalog_type == "memory" and self.catalog_path:
+            raise ConfigError(
+                "catalog_path is only used with catalog_type='storage'; the two catalog types are "
+                "mutually exclusive"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Sizes of the two cache tiers and of the stacked GPU weights.
+
+    max_loras: GPU slots (adapters resident at once). max_rank: padding of the stacked weights.
+    host_cache_bytes: byte budget of the pinned host LRU; max_cpu_loras: optional count cap on it.
+    """
+
+    max_loras: int = 8
+    max_rank: int = 16
+    host_cache_bytes: int = 2 << 30
+    max_cpu_loras: int | None = None
+    dtype: str = "float16"
+    device: str | None = None  # None: cuda if available, else cpu
+    load_workers: int = 4
+    eviction_policy: str = "lru"
+
+    def __post_init__(self):
+        if self.max_loras < 1:
+            raise ConfigError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_rank < 1:
+            raise ConfigError(f"max_rank must be >= 1, got {self.max_rank}")
+        if self.host_cache_bytes < 0:
+            raise ConfigError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
+            raise ConfigError(f"max_cpu_loras must be >= 1 or None, got {self.max_cpu_loras}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_workers < 1:
+            raise ConfigError(f"load_workers must be >= 1, got {self.load_workers}")
