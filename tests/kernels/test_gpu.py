@@ -1,0 +1,128 @@
+"""Real shapes on a CUDA GPU: Llama-3-8B widths, ranks 8..128, tokens 1..8192, 1..128 slots, and
+CUDA-graph capture + replay with changing plans, bit-equal to eager. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from loraplex.kernels import ops, reference
+from loraplex.runtime.plan import PlanBuffers
+
+from .cases import POISON, TOL, assert_rows, random_ranks, stacked_A, stacked_B, token_slots
+
+pytestmark = pytest.mark.gpu
+
+# (name, in_features, slice widths) of one Llama-3-8B layer
+LAYERS = {
+    "qkv": (4096, (4096, 1024, 1024)),
+    "o": (4096, (4096,)),
+    "gate_up": (4096, (14336, 14336)),
+    "down": (14336, (4096,)),
+}
+
+
+def _case(layer, T, L, R, dtype, mix, seed, none_frac=0.1):
+    K, widths = LAYERS[layer]
+    gen = torch.Generator().manual_seed(seed)
+    slots = token_slots(mix, T, L, gen, none_frac)
+    ranks = random_ranks(L, R, gen)
+    dev = "cuda"
+    A = [a.to(dev) for a in stacked_A(L, R, K, ranks, dtype, gen, len(widths))]
+    B = [b.to(dev) for b in stacked_B(L, widths, R, ranks, dtype, gen)]
+    x = torch.randn(T, K, generator=gen).to(dtype).to(dev)
+    y0 = torch.randn(T, sum(widths), generator=gen).to(dtype).to(dev)
+    plan = PlanBuffers(T, L, dev).build(slots.to(dev), ranks.to(dev))
+    return slots.to(dev), ranks.to(dev), plan, x, A, B, y0
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("T,L,R,mix", [
+    (1, 1, 16, "identical"), (8, 8, 8, "distinct"), (64, 32, 16, "uniform"), (256, 128, 64, "zipf"),
+    (1024, 8, 128, "skewed"), (8192, 32, 16, "uniform"),
+])
+def test_add_lora_linear_real_shapes(layer, T, L, R, mix):
+    dtype = torch.bfloat16
+    slots, ranks, plan, x, A, B, y0 = _case(layer, T, L, R, dtype, mix, seed=T + L)
+    y = ops.add_lora_linear(y0.clone(), x, A, B, plan)
+    ref = reference.add_lora_linear(y0.clone(), x, A, B, plan, ranks)
+    assert_rows(y, ref, slots, dtype, y0, f"{layer} T={T} L={L} R={R}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("T", [16, 300])
+def test_shrink_expand_dtypes(dtype, T):
+    slots, ranks, plan, x, A, B, y0 = _case("qkv", T, 16, 32, dtype, "zipf", seed=3)
+    h = ops.sgmv_shrink(x, A, plan, torch.full((3, T, 32), POISON, device="cuda"))
+    h_ref = reference.sgmv_shrink(x, A, plan, torch.full((3, T, 32), POISON, device="cuda"), 1.0, ranks)
+    assert_rows(h, h_ref, slots, torch.float32 if dtype == torch.float32 else dtype,
+                torch.full_like(h, POISON), "shrink")
+    y = ops.sgmv_expand(h_ref, B, plan, torch.full_like(y0, POISON), add=False)
+    y_ref = reference.sgmv_expand(h_ref, B, plan, torch.full_like(y0, POISON), False, ranks)
+    assert_rows(y, y_ref, slots, dtype, torch.full_like(y0, POISON), "expand")
+
+
+def test_lm_head_vocab_128k():
+    gen = torch.Generator().manual_seed(5)
+    T, L, R, V = 32, 4, 16, 128256
+    slots = token_slots("uniform", T, L, gen, 0.1).cuda()
+    ranks = random_ranks(L, R, gen).cuda()
+    plan = PlanBuffers(T, L, "cuda").build(slots, ranks)
+    A = [a.cuda() for a in stacked_A(L, R, 4096, ranks.cpu(), torch.bfloat16, gen)]
+    B = [b.cuda() for b in stacked_B(L, (V,), R, ranks.cpu(), torch.bfloat16, gen)]
+    x = torch.randn(T, 4096, generator=gen).bfloat16().cuda()
+    y0 = torch.randn(T, V, generator=gen).bfloat16().cuda()
+    y = ops.add_lora_linear(y0.clone(), x, A, B, plan)
+    ref = reference.add_lora_linear(y0.clone(), x, A, B, plan, ranks)
+    assert_rows(y, ref, slots, torch.bfloat16, y0, "lm_head")
+
+
+def test_embedding_real_shapes():
+    gen = torch.Generator().manual_seed(6)
+    T, L, R, V, D = 512, 16, 64, 128256, 4096
+    slots = token_slots("zipf", T, L, gen, 0.1).cuda()
+    ranks = random_ranks(L, R, gen).cuda()
+    plan = PlanBuffers(T, L, "cuda").build(slots, ranks)
+    Ae = stacked_B(L, (V,), R, ranks.cpu(), torch.bfloat16, gen)[0].cuda()
+    Be = stacked_B(L, (D,), R, ranks.cpu(), torch.bfloat16, gen)[0].cuda()
+    ids = torch.randint(V, (T,), generator=gen).cuda()
+    y0 = torch.randn(T, D, generator=gen).bfloat16().cuda()
+    y = ops.add_lora_embedding(y0.clone(), ids, Ae, Be, plan)
+    ref = reference.add_lora_embedding(y0.clone(), ids, Ae, Be, plan, ranks)
+    assert_rows(y, ref, slots, torch.bfloat16, y0, "embedding")
+
+
+@pytest.mark.parametrize("T", [4, 512], ids=["fused", "shrink+expand"])
+def test_cuda_graph_replay_with_changing_plans_is_bit_equal(T):
+    L, R, dtype = 16, 32, torch.bfloat16
+    K, widths = LAYERS["qkv"]
+    gen = torch.Generator().manual_seed(7)
+    ranks = random_ranks(L, R, gen).cuda()
+    A = [a.cuda() for a in stacked_A(L, R, K, ranks.cpu(), dtype, gen, 3)]
+    B = [b.cuda() for b in stacked_B(L, widths, R, ranks.cpu(), dtype, gen)]
+    bufs = PlanBuffers(T, L, "cuda")
+    x = torch.zeros(T, K, dtype=dtype, device="cuda")
+    y = torch.zeros(T, sum(widths), dtype=dtype, device="cuda")
+    scratch = torch.zeros(3, T, R, device="cuda")
+    plan = bufs.build(token_slots("uniform", T, L, gen).cuda(), ranks)
+    ops.add_lora_linear(y, x, A, B, plan, buffer=scratch)  # compile the kernels before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.add_lora_linear(y, x, A, B, plan, buffer=scratch)
+    for step, (mix, none_frac) in enumerate([("identical", 0), ("distinct", 0.2), ("zipf", 0.5), ("uniform", 1.0),
+                                             ("skewed", 0.1)]):
+        slots = token_slots(mix, T, L, gen, none_frac).cuda()
+        new_plan = bufs.build(slots, ranks)  # same static storage the graph captured
+        x.copy_(torch.randn(T, K, generator=gen).to(dtype))
+        y0 = torch.randn(T, sum(widths), generator=gen).to(dtype).cuda()
+        y.copy_(y0)
+        graph.replay()
+        eager = ops.add_lora_linear(y0.clone(), x, A, B, new_plan, buffer=torch.zeros_like(scratch))
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager), f"replay {step} ({mix}) differs from eager"
+        ref = reference.add_lora_linear(y0.clone(), x, A, B, new_plan, ranks)
+        torch.testing.assert_close(y[slots >= 0].float(), ref[slots >= 0].float(), **TOL[dtype])
