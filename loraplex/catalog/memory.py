@@ -3,63 +3,132 @@ entry/id interface as the storage Catalog."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from dataclasses import replace
 
-from ..errors import AdapterChanged, AdapterNotFound, InvalidAdapter
+from ..errors import AdapterChanged, AdapterNotFound, CatalogError, InvalidAdapter, StorageError
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .names import check_name
 from .peft import parse_config_bytes
-from .store import LocalStore
+from .store import StoredAdapter, read_config_file, stat_adapter_dir
 from .weights import read_tensors
+
+log = logging.getLogger("loraplex.catalog")
+
+
+class _DirStore:
+    """The files of one registered directory. The path is the operator's choice, so symlinks in it
+    are followed wherever they lead (a Hugging Face cache snapshot links into ../../blobs)."""
+
+    def __init__(self, name: str, path: str):
+        self.name = name
+        self.path = path
+
+    def stat(self) -> StoredAdapter:
+        if not os.path.isdir(self.path):
+            raise InvalidAdapter(self.name, f"{self.path} is not a directory")
+        try:
+            return stat_adapter_dir(self.name, self.path, None)
+        except OSError as e:
+            raise StorageError(self.name, f"cannot stat {self.path}: {e.strerror or e}") from None
+
+    def read_config(self, item: StoredAdapter) -> bytes:
+        return read_config_file(self.name, item.config_path, None)
+
+    def current_version(self, item: StoredAdapter, local_dir: str) -> str | None:
+        try:
+            return self.stat().version
+        except CatalogError:
+            return None
 
 
 class MemoryCatalog:
+    """Adapters added with register(name, path) and removed with unregister(name)."""
+
     catalog_type = "memory"
 
     def __init__(self):
         self.root = "<memory>"
         self._lock = threading.RLock()
         self._entries: dict[str, AdapterEntry] = {}
-        self._items = {}
-        self._ids = IdTable()
+        self._items: dict[str, tuple[_DirStore, StoredAdapter]] = {}  # name -> (its files, as listed)
+        self._paths: dict[str, str] = {}  # every registered name, valid or not
+        self._invalid: dict[str, str] = {}
+        self._ids = IdTable()  # updated in place under the lock
+        self._by_id: dict[int, str] = {}  # its published copy, for lock-free get_adapter_name
         self._listeners = []
 
+    # ---- registration ---------------------------------------------------------------------------
     def register(self, name: str, path) -> AdapterEntry:
-        """Add or replace adapter `name` from the PEFT directory `path`."""
+        """Add or replace adapter `name` from the PEFT directory `path` (validated now: raises
+        InvalidAdapter naming `name`, and nothing is registered)."""
         check_name(name)
         path = os.path.abspath(os.fspath(path))
-        parent, base = os.path.split(path)
-        store = LocalStore(parent)
-        item = store._stat_adapter(base, os.path.islink(path))
+        store = _DirStore(name, path)
+        item = store.stat()
         spec = parse_config_bytes(name, store.read_config(item))
         with self._lock:
             old = self._entries.get(name)
-            self._ids.add([name])
-            entry = AdapterEntry(name, self._ids.by_name[name], item.version, path, spec,
-                                 item.weight_format, item.size_bytes)
-            self._entries[name] = entry
-            self._items[name] = (store, item)
-        diff = CatalogDiff(changed=(name,)) if old else CatalogDiff(added=(name,))
-        for listener in list(self._listeners):
-            listener(diff)
+            self._paths[name] = path
+            self._invalid.pop(name, None)
+            self._put(store, item, spec)
+            entry = self._entries[name]
+        self._notify(CatalogDiff(changed=(name,)) if old else CatalogDiff(added=(name,)))
         return entry
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            if self._entries.pop(name, None) is None:
+            if self._paths.pop(name, None) is None:
                 raise AdapterNotFound(name, self.root)
-            self._items.pop(name)
-            self._ids.remove([name])
-        for listener in list(self._listeners):
-            listener(CatalogDiff(removed=(name,)))
+            self._invalid.pop(name, None)
+            had = self._drop(name)
+        if had:
+            self._notify(CatalogDiff(removed=(name,)))
 
+    def _put(self, store, item, spec) -> None:
+        name = store.name
+        renumbered = self._ids.add([name])
+        self._entries[name] = AdapterEntry(name, self._ids.by_name[name], item.version, store.path, spec,
+                                           item.weight_format, item.size_bytes)
+        self._items[name] = (store, item)
+        if renumbered:
+            self._sync_ids()
+        self._by_id = dict(self._ids.by_id)
+
+    def _drop(self, name) -> bool:
+        if self._entries.pop(name, None) is None:
+            return False
+        self._items.pop(name)
+        if self._ids.remove([name]):
+            self._sync_ids()
+        self._by_id = dict(self._ids.by_id)
+        return True
+
+    def _sync_ids(self) -> None:
+        by_name = self._ids.by_name
+        for n, e in self._entries.items():
+            if e.id != by_name[n]:
+                self._entries[n] = replace(e, id=by_name[n])
+
+    def _notify(self, diff: CatalogDiff) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(diff)
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the catalog
+                log.exception("catalog listener failed")
+
+    # ---- lookup (as Catalog) --------------------------------------------------------------------
     def __len__(self):
         return len(self._entries)
 
     def __contains__(self, name):
         return name in self._entries
+
+    def __iter__(self):
+        return iter(self.names())
 
     def names(self):
         return sorted(self._entries)
@@ -68,14 +137,18 @@ class MemoryCatalog:
         return [self._entries[n] for n in self.names()]
 
     def invalid(self):
-        return {}
+        """name -> reason, for registered adapters whose files became unservable (see refresh)."""
+        return dict(self._invalid)
 
     def get(self, name):
         entry = self._entries.get(name)
-        if entry is None:
-            check_name(name)
-            raise AdapterNotFound(name, self.root)
-        return entry
+        if entry is not None:
+            return entry
+        check_name(name)
+        reason = self._invalid.get(name)
+        if reason is not None:
+            raise InvalidAdapter(name, reason)
+        raise AdapterNotFound(name, self.root)
 
     __getitem__ = get
 
@@ -83,17 +156,52 @@ class MemoryCatalog:
         return self.get(name).id
 
     def get_adapter_name(self, adapter_id):
-        name = self._ids.by_id.get(adapter_id)
+        name = self._by_id.get(adapter_id)
         if name is None:
             raise AdapterNotFound(f"#{adapter_id}", self.root)
         return name
 
+    # ---- keeping current ------------------------------------------------------------------------
     def subscribe(self, listener):
         self._listeners.append(listener)
 
-    def refresh(self):
-        return CatalogDiff()
+    def refresh(self) -> CatalogDiff:
+        """Re-stat every registered directory: a changed one is re-read (changed); one whose files
+        are gone or invalid now leaves the entries (removed) and shows in invalid(), and comes back
+        when it is fixed (added)."""
+        added, removed, changed = [], [], []
+        with self._lock:
+            for name, path in list(self._paths.items()):
+                old = self._entries.get(name)
+                store = _DirStore(name, path)
+                try:
+                    item = store.stat()
+                    if old is not None and item.version == old.version:
+                        continue
+                    spec = parse_config_bytes(name, store.read_config(item))
+                except CatalogError as e:
+                    reason = getattr(e, "reason", None) or str(e)
+                    if self._invalid.get(name) != reason:
+                        log.warning("LoRA adapter '%s' (%s) is no longer servable: %s", name, path, reason)
+                    self._invalid[name] = reason
+                    if self._drop(name):
+                        removed.append(name)
+                    continue
+                self._invalid.pop(name, None)
+                self._put(store, item, spec)
+                (changed if old is not None else added).append(name)
+        diff = CatalogDiff(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
+        if diff:
+            self._notify(diff)
+        return diff
 
+    def watch(self, callback=None, interval: float = 2.0, *, events: bool = False):
+        """Poll refresh() every `interval` s (registered paths may be anywhere: no events)."""
+        from .watch import Watcher
+
+        return Watcher(self, callback, interval, events=False)
+
+    # ---- reading --------------------------------------------------------------------------------
     def local_path(self, name):
         return self.get(name).path
 
@@ -101,15 +209,34 @@ class MemoryCatalog:
         return self.load_adapter(name, entry)[2]
 
     def load_adapter(self, name, entry=None):
+        """(entry, layout, tensors); AdapterChanged if `entry` is no longer the registered version."""
         entry = entry or self.get(name)
-        store, item = self._items[name]
+        if entry.name != name:
+            raise ValueError(f"entry of LoRA adapter '{entry.name}' used to load '{name}'")
+        with self._lock:
+            held = self._items.get(name)
+        if held is None:
+            raise AdapterChanged(name, entry.version, None)
+        store, item = held
         if item.version != entry.version:
             raise AdapterChanged(name, entry.version, item.version)
-        layout, tensors = read_tensors(name, item.weights_path, item.weight_format, entry.spec)
-        now = store.current_version(item, entry.path)
-        if now != entry.version:
-            raise AdapterChanged(name, entry.version, now)
+        self._check_version(store, entry, item)
+        try:
+            layout, tensors = read_tensors(name, item.weights_path, item.weight_format, entry.spec)
+        except InvalidAdapter:
+            self._check_version(store, entry, item)
+            raise
+        self._check_version(store, entry, item)
         return entry, layout, tensors
 
+    @staticmethod
+    def _check_version(store, entry, item) -> None:
+        now = store.current_version(item, entry.path)
+        if now != entry.version:
+            raise AdapterChanged(entry.name, entry.version, now)
 
-__all__ = ["MemoryCatalog", "InvalidAdapter"]
+    def __repr__(self):
+        return f"MemoryCatalog({len(self._entries)} adapters)"
+
+
+__all__ = ["MemoryCatalog"]

@@ -13,11 +13,21 @@ MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; refuse anything absurd 
 
 # Keys that PEFT writes and that change nothing for serving, or that we check below.
 _SUPPORTED_FALSE = ("use_dora", "fan_in_fan_out")
+# Newer PEFT keys whose non-empty value changes the forward pass in a way the runtime does not
+# implement: serving such an adapter as plain LoRA would silently compute something else.
+_UNSUPPORTED = {
+    "lora_bias": "lora_bias=true (a bias on lora_B)",
+    "use_qalora": "QA-LoRA (use_qalora=true)",
+    "use_bdlora": "use_bdlora",
+    "target_parameters": "target_parameters (LoRA on raw parameters, e.g. MoE experts)",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What the runtime needs from adapter_config.json."""
+    """What the runtime needs from adapter_config.json. Read-only: one spec may serve many adapters."""
 
     r: int
     lora_alpha: float
@@ -27,6 +37,7 @@ class AdapterSpec:
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
     layers_to_transform: tuple[int, ...] | None = None
+    exclude_modules: tuple[str, ...] | str | None = None  # as target_modules; wins over it
 
     @property
     def scaling(self) -> float:
@@ -46,6 +57,10 @@ class AdapterSpec:
 
     def targets(self, module: str) -> bool:
         """Does target_modules select this module path (PEFT's matching rules)?"""
+        ex = self.exclude_modules
+        if ex and (re.fullmatch(ex, module) if isinstance(ex, str)
+                   else any(module == t or module.endswith("." + t) for t in ex)):
+            return False
         tm = self.target_modules
         if isinstance(tm, str):
             if tm == "all-linear":
@@ -59,11 +74,11 @@ def _scaling(alpha: float, r: int, rslora: bool) -> float:
 
 
 def match_pattern(patterns: dict, module: str):
-    """The pattern key that applies to `module`, as PEFT resolves rank_pattern/alpha_pattern."""
+    """The pattern key that applies to `module`, as PEFT resolves rank_pattern/alpha_pattern: the
+    first key, in the config's order, that matches the whole path or a dotted suffix of it (an exact
+    path listed after a matching suffix does not win; PEFT's get_pattern_key behaves the same)."""
     if not patterns:
         return None
-    if module in patterns:
-        return module
     for key in patterns:
         try:
             if re.match(rf"(.*\.)?({key})$", module):
@@ -73,12 +88,38 @@ def match_pattern(patterns: dict, module: str):
     return None
 
 
+# Parsed specs by config bytes. Adapters trained with one recipe have byte-identical configs, so a
+# 100k-adapter catalog typically parses a handful; the result depends on the bytes alone (reasons
+# never name the adapter), so this cannot weaken validation. Bounded: cleared when full.
+_PARSED: dict[bytes, AdapterSpec | str] = {}
+_PARSED_MAX_ENTRIES = 4096
+_PARSED_MAX_BYTES = 16 << 10  # larger configs are parsed every time
+
+
 def parse_config_bytes(name: str, raw: bytes) -> AdapterSpec:
+    """The spec of adapter_config.json's bytes; InvalidAdapter naming `name` if it is not servable.
+    Specs are shared between adapters with identical configs: treat them as read-only."""
+    hit = _PARSED.get(raw)
+    if hit is None:
+        try:
+            hit = _parse_bytes(name, raw)
+        except InvalidAdapter as e:
+            hit = e.reason
+        if len(raw) <= _PARSED_MAX_BYTES:
+            if len(_PARSED) >= _PARSED_MAX_ENTRIES:
+                _PARSED.clear()
+            _PARSED[raw] = hit
+    if type(hit) is str:
+        raise InvalidAdapter(name, hit)
+    return hit
+
+
+def _parse_bytes(name: str, raw: bytes) -> AdapterSpec:
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidAdapter(name, f"adapter_config.json is {len(raw)} bytes (limit {MAX_CONFIG_BYTES})")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, >4300-digit ints, nesting past the stack
         raise InvalidAdapter(name, f"adapter_config.json is not valid JSON ({e})") from None
     return parse_config(name, data)
 
@@ -88,36 +129,32 @@ def parse_config(name: str, data) -> AdapterSpec:
         raise InvalidAdapter(name, "adapter_config.json must hold a JSON object")
     peft_type = data.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise InvalidAdapter(name, f"peft_type {peft_type!r} is not supported (only LORA)")
+        raise InvalidAdapter(name, f"peft_type {_show(peft_type)} is not supported (only LORA)")
     for key in _SUPPORTED_FALSE:
         if data.get(key):
             what = "DoRA (use_dora=true)" if key == "use_dora" else f"{key}=true"
             raise InvalidAdapter(name, f"{what} is not supported")
     bias = data.get("bias", "none")
     if bias != "none":
-        raise InvalidAdapter(name, f"bias={bias!r} is not supported (only 'none')")
+        raise InvalidAdapter(name, f"bias={_show(bias)} is not supported (only 'none')")
+    for key, what in _UNSUPPORTED.items():
+        if data.get(key):
+            raise InvalidAdapter(name, f"{what} is not supported")
     if data.get("modules_to_save"):
-        raise InvalidAdapter(name, f"modules_to_save={data['modules_to_save']!r} is not supported")
+        raise InvalidAdapter(name, f"modules_to_save={_show(data['modules_to_save'])} is not supported")
     if data.get("layer_replication"):
         raise InvalidAdapter(name, "layer_replication is not supported")
     if "r" not in data:
         raise InvalidAdapter(name, "adapter_config.json has no 'r'")
     r = _positive_int(name, "r", data["r"])
     alpha = data.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidAdapter(name, f"lora_alpha must be a number, got {alpha!r}")
+    if not _finite_number(alpha):
+        raise InvalidAdapter(name, f"lora_alpha must be a number, got {_show(alpha)}")
     targets = data.get("target_modules")
     if targets is None or targets == [] or targets == "":
         raise InvalidAdapter(name, "adapter_config.json has no 'target_modules'")
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise InvalidAdapter(name, f"target_modules regex {targets!r} does not compile ({e})") from None
-    elif isinstance(targets, list) and all(isinstance(t, str) and t for t in targets):
-        targets = tuple(targets)
-    else:
-        raise InvalidAdapter(name, f"target_modules must be a list of names or a regex, got {targets!r}")
+    targets = _modules(name, "target_modules", targets)
+    exclude = _modules(name, "exclude_modules", data["exclude_modules"]) if data.get("exclude_modules") else None
     rank_pattern = _pattern(name, "rank_pattern", data.get("rank_pattern"), int)
     alpha_pattern = _pattern(name, "alpha_pattern", data.get("alpha_pattern"), float)
     layers = data.get("layers_to_transform")
@@ -125,7 +162,7 @@ def parse_config(name: str, data) -> AdapterSpec:
         layers = [layers]
     if layers is not None:
         if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
-            raise InvalidAdapter(name, f"layers_to_transform must be a list of layer indices, got {layers!r}")
+            raise InvalidAdapter(name, f"layers_to_transform must be a list of layer indices, got {_show(layers)}")
         layers = tuple(layers)
     base = data.get("base_model_name_or_path")
     return AdapterSpec(
@@ -137,12 +174,26 @@ def parse_config(name: str, data) -> AdapterSpec:
         use_rslora=bool(data.get("use_rslora", False)),
         base_model_name_or_path=base if isinstance(base, str) else None,
         layers_to_transform=layers,
+        exclude_modules=exclude,
     )
+
+
+def _modules(name, key, value):
+    """A list of module names (as a tuple) or one regex, as PEFT's target_modules/exclude_modules."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise InvalidAdapter(name, f"{key} regex {_show(value)} does not compile ({e})") from None
+        return value
+    if isinstance(value, list) and all(isinstance(t, str) and t for t in value):
+        return tuple(value)
+    raise InvalidAdapter(name, f"{key} must be a list of names or a regex, got {_show(value)}")
 
 
 def _positive_int(name, key, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidAdapter(name, f"{key} must be a positive integer, got {value!r}")
+        raise InvalidAdapter(name, f"{key} must be a positive integer, got {_show(value)}")
     if value > 65536:
         raise InvalidAdapter(name, f"{key}={value} is larger than any supported rank (65536)")
     return value
@@ -155,10 +206,30 @@ def _pattern(name, key, value, kind) -> dict:
         raise InvalidAdapter(name, f"{key} must be an object, got {type(value).__name__}")
     out = {}
     for k, v in value.items():
+        try:  # PEFT matches keys as regexes: one that does not compile would be skipped silently by
+            re.compile(rf"(.*\.)?({k})$")  # match_pattern, serving the default rank/alpha instead
+        except re.error as e:
+            raise InvalidAdapter(name, f"{key} key {_show(k)} is not a valid pattern ({e})") from None
         if kind is int:
-            out[k] = _positive_int(name, f"{key}[{k!r}]", v)
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InvalidAdapter(name, f"{key}[{k!r}] must be a number, got {v!r}")
+            out[k] = _positive_int(name, f"{key}[{_show(k)}]", v)
+        elif not _finite_number(v):
+            raise InvalidAdapter(name, f"{key}[{_show(k)}] must be a number, got {_show(v)}")
         else:
             out[k] = float(v)
     return out
+
+
+def _finite_number(v) -> bool:
+    """A JSON number that is a finite float (ints beyond float range would overflow later)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _show(v, limit: int = 120) -> str:
+    """repr() of a config value for an error message, cut short: configs may hold 1 MB values."""
+    s = repr(v)
+    return s if len(s) <= limit else s[:limit] + f"... ({len(s)} chars)"

@@ -3,7 +3,10 @@ them against its config: every PEFT key parsed, A/B paired, shapes agreeing with
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat as st
 from dataclasses import dataclass
 
 from ..errors import InvalidAdapter
@@ -15,6 +18,7 @@ _BASE_COPY = re.compile(r"^base_model\.model\..+\.base_layer\.weight$")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_TENSORS = 1 << 16  # a 200-layer model with every module targeted has ~3k LoRA tensors
 MAX_TOTAL_BYTES = 64 << 30
+MAX_HEADER_BYTES = 16 << 20  # ~200 bytes per tensor entry: room for MAX_TENSORS (safetensors allows 100 MB)
 
 
 @dataclass(frozen=True)
@@ -84,26 +88,11 @@ def read_tensors(name: str, weights_path: str, weight_format: str, spec: Adapter
     import torch
 
     if weight_format == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(weights_path, framework="pt") as f:
-                shapes = {}
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
-                lay = layout(name, spec, shapes)
-                total = sum(_numel(s) for s, _ in shapes.values())
-                if total * 4 > MAX_TOTAL_BYTES:
-                    raise InvalidAdapter(name, f"{total} weight elements exceed the per-adapter limit")
-                tensors = {k: f.get_tensor(k).clone() for k in shapes}
-        except (SafetensorError, ValueError, RuntimeError) as e:
-            if isinstance(e, InvalidAdapter):
-                raise
-            raise InvalidAdapter(name, f"adapter_model.safetensors is corrupt: {e}") from None
-        except OSError as e:
-            raise InvalidAdapter(name, f"adapter_model.safetensors cannot be read: {e}") from None
+        with SafetensorsFile(name, weights_path) as f:
+            lay = layout(name, spec, f.shapes)
+            tensors = {k: f.tensor(k) for k in f.shapes}  # fresh buffers: nothing maps the file
     elif weight_format == "bin":
+        _check_bin_container(name, weights_path)
         try:
             obj = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means "refused", never "ran"
@@ -117,10 +106,33 @@ def read_tensors(name: str, weights_path: str, weight_format: str, spec: Adapter
         tensors = {k: v.contiguous() for k, v in obj.items()}
     else:
         raise InvalidAdapter(name, f"unknown weight format {weight_format!r}")
-    for k, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidAdapter(name, f"tensor {k!r} holds NaN or infinite values")
+    for mw in lay.values():  # LoRA tensors only: base-layer copies are ignored (and may be float8,
+        for k in (mw.a_key, mw.b_key):  # where isfinite is not implemented)
+            if not bool(torch.isfinite(tensors[k]).all()):
+                raise InvalidAdapter(name, f"tensor {k!r} holds NaN or infinite values")
     return lay, tensors
+
+
+def _check_bin_container(name: str, path: str) -> None:
+    """torch.save writes an uncompressed zip, so what torch.load allocates is bounded by the file size.
+    torch.load also inflates compressed entries: a 200 KB .bin can declare a 200 MB storage (a zip
+    bomb), so those are refused before loading. The legacy (non-zip) format is left to torch.load."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return  # torch.load reports the damage in its own words
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise InvalidAdapter(name, f"adapter_model.bin refused: compressed zip entry {packed[0]!r} (torch.save "
+                                   "stores entries uncompressed; a compressed one can inflate without bound)")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidAdapter(name, f"adapter_model.bin holds {total} bytes (limit {MAX_TOTAL_BYTES})")
 
 
 def _numel(shape) -> int:
@@ -128,3 +140,140 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+# safetensors dtype -> (torch dtype name, bytes per element). Others (F4, F6_*, C64, ...) are refused:
+# no LoRA weight uses them, and refusing is safer than guessing a size.
+_ST_DTYPES = {"BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2),
+              "U16": ("uint16", 2), "I32": ("int32", 4), "U32": ("uint32", 4), "I64": ("int64", 8),
+              "U64": ("uint64", 8), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4),
+              "F64": ("float64", 8), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+_WHAT = "adapter_model.safetensors"
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain reads into fresh buffers, never memory-mapped.
+
+    Why not safetensors.safe_open: it maps the file, and a file truncated in place while a mapped
+    page is read kills the whole process with SIGBUS. Here a truncation is a short read, which fails
+    that adapter only. The header is checked as strictly as safetensors does (contiguous offsets that
+    cover the data exactly, sizes agreeing with shape x dtype), plus our limits, before any tensor
+    byte is read or any buffer allocated. shapes: {key: (shape tuple, dtype string)}.
+    """
+
+    def __init__(self, name: str, path: str):
+        self.name = name
+        self._fd = None
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            size = os.fstat(self._fd)
+            if not st.S_ISREG(size.st_mode):
+                raise InvalidAdapter(name, f"{_WHAT} is not a regular file")
+            self._parse(size.st_size)
+        except OSError as e:  # InvalidAdapter, as before: callers check it for a change under the read
+            self.close()
+            raise InvalidAdapter(name, f"{_WHAT} cannot be read: {e.strerror or e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _bad(self, why: str):
+        return InvalidAdapter(self.name, f"{_WHAT} is corrupt: {why}")
+
+    def _parse(self, file_size: int) -> None:
+        if file_size < 8:
+            raise self._bad(f"{file_size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(self._read(0, 8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise self._bad(f"header of {n} bytes (limit {MAX_HEADER_BYTES})")
+        if 8 + n > file_size:
+            raise self._bad(f"header length {n} runs past the end of the {file_size}-byte file")
+        try:
+            header = json.loads(self._read(8, n).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, 5000-digit ints, deep nesting
+            raise self._bad(f"header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise self._bad("__metadata__ must map strings to strings")
+        if len(header) > MAX_TENSORS:
+            raise InvalidAdapter(self.name, f"weight file holds {len(header)} tensors (limit {MAX_TENSORS})")
+        data_len = file_size - 8 - n
+        self._data_start = 8 + n
+        self.shapes, self._where, spans = {}, {}, []
+        for key, info in header.items():
+            dtype, shape, begin, end = self._entry(key, info)
+            if _numel(shape) * _ST_DTYPES[dtype][1] != end - begin:
+                raise self._bad(f"tensor {key!r}: {dtype}{shape} needs {_numel(shape) * _ST_DTYPES[dtype][1]} "
+                                f"bytes but data_offsets span {end - begin}")
+            self.shapes[key] = (tuple(shape), dtype)
+            self._where[key] = (begin, end)
+            spans.append((begin, end, key))
+        pos = 0
+        for begin, end, key in sorted(spans):  # no gap, no overlap, nothing past the data
+            if begin != pos:
+                raise self._bad(f"tensor {key!r} data_offsets {[begin, end]} overlap or leave a gap (expected "
+                                f"to start at {pos})")
+            pos = end
+        if pos != data_len:
+            raise self._bad(f"tensors cover {pos} bytes but the file holds {data_len} data bytes "
+                            "(truncated, or trailing bytes)")
+        if sum(_numel(s) for s, _ in self.shapes.values()) * 4 > MAX_TOTAL_BYTES:
+            raise InvalidAdapter(self.name, f"{data_len} bytes of weights exceed the per-adapter limit "
+                                            f"({MAX_TOTAL_BYTES} bytes as fp32)")
+
+    def _entry(self, key, info):
+        if not isinstance(info, dict):
+            raise self._bad(f"header entry {key!r} is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_uint(d) for d in shape):
+            raise self._bad(f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers")
+        # A zero-size tensor may list huge dims; torch multiplies them all (and fails past int64).
+        if _numel([max(d, 1) for d in shape]) >= 1 << 63:
+            raise self._bad(f"tensor {key!r} has shape {shape!r}; dimensions beyond int64")
+        if not (isinstance(offs, list) and len(offs) == 2 and _uint(offs[0]) and _uint(offs[1])
+                and offs[0] <= offs[1]):
+            raise self._bad(f"tensor {key!r} has data_offsets {offs!r}; expected [begin, end], 0 <= begin <= end")
+        return dtype, shape, offs[0], offs[1]
+
+    def _read(self, offset: int, n: int, into=None) -> bytes | None:
+        """n bytes at offset (into `into`, a writable buffer, if given); a short read is an error."""
+        buf = memoryview(bytearray(n) if into is None else into)
+        got = 0
+        while got < n:
+            k = os.preadv(self._fd, [buf[got:]], offset + got)
+            if k == 0:
+                raise self._bad(f"file ends at byte {offset + got}, expected {offset + n} (truncated under the read?)")
+            got += k
+        return buf.tobytes() if into is None else None
+
+    def tensor(self, key: str):
+        """A fresh CPU tensor of the stored bytes (little-endian, as safetensors stores them)."""
+        import torch
+
+        (shape, dtype), (begin, end) = self.shapes[key], self._where[key]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        try:
+            if end > begin:
+                self._read(self._data_start + begin, end - begin, out.numpy())
+        except OSError as e:
+            raise InvalidAdapter(self.name, f"{_WHAT} cannot be read: {e.strerror or e}") from None
+        return out.view(getattr(torch, _ST_DTYPES[dtype][0])).view(shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _uint(v) -> bool:
+    return type(v) is int and v >= 0
