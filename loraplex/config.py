@@ -45,6 +45,10 @@ class RuntimeConfig:
     device: str | None = None  # None: cuda if available, else cpu
     load_workers: int = 4
     eviction_policy: str = "lru"
+    max_num_tokens: int = 8192  # tokens per step: size of the static plan buffers
+    load_timeout_s: float = 60.0  # a plan waits this long for a load, a busy GPU slot or host room
+    unmatched_modules: str = "warn"  # adapter modules no registered target wraps: ignore | warn | error
+    upload_mode: str = "staged"  # CUDA: staged (one H2D + device scatter) | direct (one H2D per tensor)
 
     def __post_init__(self):
         if self.max_loras < 1:
@@ -59,3 +63,11 @@ class RuntimeConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_workers < 1:
             raise ConfigError(f"load_workers must be >= 1, got {self.load_workers}")
+        if self.max_num_tokens < 1:
+            raise ConfigError(f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
+        if not self.load_timeout_s > 0:
+            raise ConfigError(f"load_timeout_s must be > 0, got {self.load_timeout_s}")
+        if self.unmatched_modules not in ("ignore", "warn", "error"):
+            raise ConfigError(f"unmatched_modules must be ignore, warn or error, got {self.unmatched_modules!r}")
+        if self.upload_mode not in ("staged", "direct"):
+            raise ConfigError(f"upload_mode must be 'staged' or 'direct', got {self.upload_mode!r}")
