@@ -1,0 +1,289 @@
+"""LoraplexWorkerLoRAManager: vLLM's LRU worker LoRA manager, fed from loraplex's host cache.
+
+vLLM's LRUCacheWorkerLoRAManager reads an adapter from disk inside the engine step that first needs
+it, one adapter after another, and forgets it entirely once it falls out of `max_cpu_loras`. This
+subclass keeps vLLM's methods and behaviour and changes where adapters come from:
+
+- every load goes through a HostAdapterCache (a byte budget, not a count; a thread pool), keyed by
+  (name, path, version), so an adapter vLLM evicted comes back without storage I/O, and a changed
+  adapter is never served from a stale copy;
+- the adapters a step needs are all started in parallel before vLLM adds them one by one;
+- the catalog (LORAPLEX_CATALOG) gives names: prefetch_adapter(name), pin_adapter_by_name(name),
+  load_multiple_adapters(names), get_adapter_name(id), refresh_storage_catalog();
+- it tells our punica wrapper each slot's real rank, so kernels skip the zero padding.
+
+The plugin installs it where vLLM's model runner looks it up (lora_model_runner_mixin).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from vllm.lora.request import LoRARequest
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+from ..errors import AdapterNotFound, ConfigError
+from .catalog_handle import get_handle
+from .host_cache import HostAdapterCache
+
+log = logging.getLogger("loraplex.vllm_plugin")
+
+ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default 2 GiB)
+ENV_HOST_ENTRIES = "LORAPLEX_HOST_CACHE_ENTRIES"  # optional cap on cached adapters
+ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default 4)
+
+
+def _tensors(lora_model):
+    for layer in lora_model.loras.values():
+        for t in (layer.lora_a, layer.lora_b):
+            for x in (t if isinstance(t, (list, tuple)) else [t]):
+                if isinstance(x, torch.Tensor):
+                    yield x
+
+
+def model_bytes(lora_model) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(lora_model))
+
+
+def model_rank(lora_model) -> int:
+    """The largest rank over the adapter's modules (rank_pattern can exceed the config's r)."""
+    ranks = []
+    for layer in lora_model.loras.values():
+        a = layer.lora_a
+        for x in (a if isinstance(a, (list, tuple)) else [a]):
+            if isinstance(x, torch.Tensor):
+                ranks.append(x.shape[0])
+    return max(ranks, default=int(getattr(lora_model, "rank", 0) or 0))
+
+
+def _signature(path: str) -> str:
+    """Version of a directory adapter that is not in the catalog: its files' sizes and mtimes."""
+    parts = []
+    try:
+        for name in sorted(os.listdir(path)):
+            if name.startswith("adapter_"):
+                st = os.stat(os.path.join(path, name))
+                parts.append(f"{name}:{st.st_mtime_ns}:{st.st_size}")
+    except OSError:
+        return "?"
+    return "|".join(parts)
+
+
+class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._catalog = get_handle()
+        max_entries = os.environ.get(ENV_HOST_ENTRIES)
+        self._host = HostAdapterCache(
+            self._load_packed, model_bytes,
+            max_bytes=int(os.environ.get(ENV_HOST_BYTES, 2 << 30)),
+            max_entries=int(max_entries) if max_entries else None,
+            workers=int(os.environ.get(ENV_WORKERS, 4)),
+        )
+        self._names: dict[int, str] = {}  # lora id -> name, from the requests this worker saw
+        self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
+        self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
+        self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
+        if self._catalog is not None:
+            self._catalog.subscribe(self._on_catalog_change)
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def _realpath(self, path: str) -> str:
+        real = self._real.get(path)
+        if real is None:
+            real = self._real[path] = os.path.realpath(path)
+        return real
+
+    def _key(self, req: LoRARequest) -> tuple:
+        path = self._realpath(req.lora_path)
+        version = None
+        if self._catalog is not None:
+            try:
+                entry = self._catalog.catalog.get(req.lora_name)
+                if self._realpath(entry.path) == path:
+                    version = entry.version
+            except Exception:  # noqa: BLE001 - not a catalog adapter: fall back to file stats
+                version = None
+        return (req.lora_name, path, version if version is not None else _signature(path))
+
+    def _load_packed(self, req: LoRARequest):
+        """Runs on the loader pool: vLLM's own loading and validation, then its packing (qkv,
+        gate_up) and scaling, so the cached LoRAModel is ready for add_adapter as is."""
+        lora = super()._load_adapter(req)
+        pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
+        if pack is not None:
+            pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
+        return lora
+
+    def _load_adapter(self, lora_request: LoRARequest):
+        key = self._key(lora_request)
+        lora = self._host.get(key, lora_request)
+        if lora.id != lora_request.lora_int_id:
+            lora = lora.clone(lora_request.lora_int_id)  # shares the tensors
+        self._names[lora_request.lora_int_id] = lora_request.lora_name
+        self._keys[lora_request.lora_int_id] = key
+        return lora
+
+    def add_adapter(self, lora_request: LoRARequest) -> bool:
+        if lora_request.load_inplace and self._catalog is not None:
+            # The API server saw the files change; this process's catalog may not have yet
+            # (rate-limited: vLLM repeats the request at every step of the requests that use it).
+            self._catalog.refresh()
+        # load_inplace reloads only when the files actually changed (same key: same weights).
+        if (lora_request.load_inplace and lora_request.lora_int_id in self.list_adapters()
+                and self._keys.get(lora_request.lora_int_id) == self._key(lora_request)):
+            import msgspec
+
+            lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
+        return super().add_adapter(lora_request)
+
+    def _apply_adapters(self, lora_requests) -> None:
+        import msgspec
+
+        loaded = self.list_adapters()
+        requests = set()
+        for req in lora_requests:
+            if req:
+                key = self._key(req)
+                held = self._keys.get(req.lora_int_id)
+                if req.lora_int_id in loaded and held is not None and held != key and not req.load_inplace:
+                    # the catalog has a new version of an adapter vLLM holds: reload it in place
+                    req = msgspec.structs.replace(req, load_inplace=True)
+                if req.lora_int_id not in loaded or req.load_inplace:
+                    self._host.prefetch(key, req)  # all in parallel; add_adapter waits for each
+            requests.add(req)
+        super()._apply_adapters(requests)
+
+    def set_active_adapters(self, requests, mapping) -> None:
+        self._apply_adapters(requests)
+        if mapping is not None:
+            self._publish_ranks()
+            self._adapter_manager.set_adapter_mapping(mapping)
+
+    def _publish_ranks(self) -> None:
+        """Give our punica wrappers the real rank of every adapter in a GPU slot."""
+        manager = self._adapter_manager
+        ranks = {}
+        for lora_id in manager.lora_index_to_id:
+            if lora_id is None:
+                continue
+            model = manager.get_adapter(lora_id)
+            if model is None:
+                continue
+            cached = self._ranks.get(lora_id)
+            if cached is None or cached[0] != id(model):
+                cached = self._ranks[lora_id] = (id(model), model_rank(model))
+            ranks[lora_id] = cached[1]
+        for wrapper in getattr(manager, "punica_wrapper_mapping", {}).values():
+            if hasattr(wrapper, "adapter_ranks") and wrapper.adapter_ranks != ranks:
+                wrapper.adapter_ranks = ranks
+                # An in-place reload can change a rank without changing the mapping or the slot
+                # layout, which is all vLLM compares before re-running update_metadata.
+                manager._last_mapping = None
+
+    # ---- catalog ---------------------------------------------------------------------------------
+    def _require_catalog(self):
+        if self._catalog is None:
+            raise ConfigError("no adapter catalog: start vLLM with LORAPLEX_CATALOG set "
+                              "(loraplex serve --lora-catalog-type storage --lora-catalog-path ...)")
+        return self._catalog
+
+    def _request_for(self, name: str) -> LoRARequest:
+        handle = self._require_catalog()
+        entry = handle.lookup(name)
+        if entry is None:
+            handle.catalog.get(name)  # raises the precise error (unsafe name, invalid adapter)
+            raise AdapterNotFound(name, handle.url)
+        return LoRARequest(lora_name=name, lora_int_id=entry.id, lora_path=handle.catalog.local_path(name))
+
+    def _on_catalog_change(self, diff) -> None:
+        gone = set(diff.removed) | set(diff.changed)
+        if gone:
+            self._host.discard(lambda key: key[0] in gone)
+
+    def refresh_storage_catalog(self):
+        """Re-list the catalog now; drops host-cached weights of changed and removed adapters.
+        Returns the CatalogDiff."""
+        return self._require_catalog().refresh(force=True)
+
+    def get_adapter_name(self, adapter_id: int) -> str:
+        name = self._names.get(adapter_id)
+        if name is not None:
+            return name
+        return self._require_catalog().catalog.get_adapter_name(adapter_id)
+
+    def prefetch_adapter(self, name: str):
+        """Start loading catalog adapter `name` into the host cache; returns a Future."""
+        req = self._request_for(name)
+        return self._host.prefetch(self._key(req), req)
+
+    def load_multiple_adapters(self, names) -> dict[str, int]:
+        """Load catalog adapters in parallel and register them in vLLM's CPU cache (no GPU slot yet).
+        Returns name -> lora id."""
+        reqs = [self._request_for(n) for n in names]
+        futures = [self._host.prefetch(self._key(r), r) for r in reqs]
+        for f in futures:
+            f.result()
+        manager = self._adapter_manager
+        for req in reqs:
+            if req.lora_int_id in self.list_adapters():
+                continue
+            if len(manager) + 1 > manager.capacity:
+                manager.remove_oldest_adapter()
+            manager.add_adapter(self._load_adapter(req))
+        return {r.lora_name: r.lora_int_id for r in reqs}
+
+    def pin_adapter_by_name(self, name: str) -> bool:
+        """Keep catalog adapter `name` in every tier: host cache, vLLM's CPU cache and a GPU slot."""
+        req = self._request_for(name)
+        self._host.pin(self._key(req))
+        self.add_adapter(req)
+        return self.pin_adapter(req.lora_int_id)
+
+    def set_cache_policy(self, host_cache_bytes: int | None = None, max_host_entries: int | None = None) -> dict:
+        """Resize the host cache (evicting now if needed); returns cache_sizes()."""
+        self._host.set_limits(host_cache_bytes, max_host_entries)
+        return self.cache_sizes()
+
+    # ---- debugging -------------------------------------------------------------------------------
+    @property
+    def gpu_cache_size(self) -> int:
+        """Adapters in GPU slots now."""
+        return sum(i is not None for i in self._adapter_manager.lora_index_to_id)
+
+    @property
+    def cpu_cache_size(self) -> int:
+        """Adapters in vLLM's CPU cache (max_cpu_loras) now."""
+        return len(self._adapter_manager)
+
+    def cache_sizes(self) -> dict:
+        manager = self._adapter_manager
+        return {
+            "gpu_slots": manager.lora_slots,
+            "gpu_used": self.gpu_cache_size,
+            "gpu_ids": [i for i in manager.lora_index_to_id if i is not None],
+            "cpu_capacity": manager.capacity,
+            "cpu_used": self.cpu_cache_size,
+            "host": self._host.stats(),
+        }
+
+
+# ---- reaching the manager from outside the worker ----------------------------------------------------
+def _invoke(worker, method, args, kwargs):
+    worker = getattr(worker, "worker", worker)  # vLLM may hand us its WorkerWrapperBase
+    manager = getattr(getattr(worker, "model_runner", None), "lora_manager", None)
+    if not isinstance(manager, LoraplexWorkerLoRAManager):
+        raise ConfigError("this engine does not use loraplex's worker LoRA manager (is LORAPLEX_CATALOG set "
+                          "and LoRA enabled?)")
+    result = getattr(manager, method)(*args, **kwargs)
+    # Futures do not cross process boundaries: report that the load started.
+    return True if hasattr(result, "add_done_callback") else result
+
+
+def call_worker_manager(llm, method: str, *args, **kwargs) -> list:
+    """Call `method` of the LoraplexWorkerLoRAManager of every worker of a vllm.LLM, e.g.
+    call_worker_manager(llm, "prefetch_adapter", "my-adapter"); returns one result per worker.
+    (Multi-process engines need VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the call.)"""
+    return llm.collective_rpc(_invoke, args=(method, args, kwargs))

@@ -1,0 +1,76 @@
+"""Fixtures for the vLLM plugin tests: the single-process distributed setup vLLM's layers need, and
+the independent reference (HF transformers + PEFT, fp32 greedy) for end-to-end token checks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+GEN_TOKENS = 6
+# Prompts as token ids: no tokenizer differences between vLLM and the reference.
+PROMPTS = ([1, 17, 42, 99, 7], [1, 50, 60, 70], [1, 5, 6], [1, 200, 3, 14, 15, 92])
+
+
+@pytest.fixture(scope="session")
+def vllm_dist(tmp_path_factory):
+    """vLLM's distributed state for one process (gloo, world size 1) inside a default VllmConfig, so
+    its LoRA layers can be built and run without an engine. Created once per session: vLLM's
+    process groups are process-global."""
+    import torch  # noqa: F401
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        if not model_parallel_is_initialized():
+            init_file = tmp_path_factory.mktemp("dist") / "init"
+            init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"file://{init_file}",
+                                         local_rank=0, backend="gloo")
+            initialize_model_parallel(1, 1)
+        yield config
+
+
+def hf_greedy(model_dir, adapter_dir, prompt, n=GEN_TOKENS):
+    """Greedy continuation of `prompt` by transformers (+ PEFT adapter), fp32, no KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class Reference:
+    """Memoized hf_greedy per (adapter directory, prompt)."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self._memo = {}
+
+    def __call__(self, adapter_dir, prompt):
+        key = (None if adapter_dir is None else os.fspath(adapter_dir), tuple(prompt))
+        if key not in self._memo:
+            self._memo[key] = hf_greedy(self.model_dir, key[0], prompt)
+        return self._memo[key]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    return Reference(tiny_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
