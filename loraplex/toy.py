@@ -67,15 +67,21 @@ def build_model(out_dir, seed=0, **cfg):
 
 
 def make_adapter(model_dir, out_dir, *, r=8, alpha=16, targets=ALL_LINEAR, seed=1, use_rslora=False,
-                 rank_pattern=None, alpha_pattern=None, b_scale=20.0, base_model=None):
+                 rank_pattern=None, alpha_pattern=None, b_scale=20.0, base_model=None, base=None):
     """Write a PEFT LoRA adapter with random non-zero A and B (B scaled up so it visibly changes
-    outputs). `targets` may include embed_tokens and lm_head."""
+    outputs). `targets` may include embed_tokens and lm_head. `base`: the loaded base model (fp32) to
+    copy instead of reading model_dir again (PEFT wraps in place, so a copy keeps `base` clean)."""
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if base is not None:
+        base = copy.deepcopy(base)
+    else:
+        base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
         init_lora_weights=False, use_rslora=use_rslora, rank_pattern=rank_pattern or {},
@@ -93,4 +99,62 @@ def make_adapter(model_dir, out_dir, *, r=8, alpha=16, targets=ALL_LINEAR, seed=
     data["base_model_name_or_path"] = base_model or os.fspath(model_dir)
     with open(cfg_path, "w") as f:
         json.dump(data, f, indent=2)
+    return out_dir
+
+
+def linear_modules(config, targets=ALL_LINEAR) -> dict:
+    """{PEFT module path: (in_features, out_features)} of a Llama config's linear layers in `targets`."""
+    h, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = {"q_proj": (h, config.num_attention_heads * d), "k_proj": (h, config.num_key_value_heads * d),
+              "v_proj": (h, config.num_key_value_heads * d), "o_proj": (config.num_attention_heads * d, h),
+              "gate_proj": (h, config.intermediate_size), "up_proj": (h, config.intermediate_size),
+              "down_proj": (config.intermediate_size, h)}
+    part = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+    return {f"model.layers.{i}.{part.get(m, 'mlp')}.{m}": shapes[m]
+            for i in range(config.num_hidden_layers) for m in shapes if m in targets}
+
+
+def peft_config(r, alpha, target_modules, base_model=None, use_rslora=False) -> dict:
+    """adapter_config.json of a plain LoRA adapter, with the keys PEFT writes (missing newer keys take
+    PEFT's defaults when it loads the file)."""
+    return {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layer_replication": None,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
+        "lora_dropout": 0.0, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+        "peft_type": "LORA", "r": r, "rank_pattern": {}, "revision": None,
+        "target_modules": sorted(target_modules), "task_type": "CAUSAL_LM", "use_dora": False,
+        "use_rslora": use_rslora,
+    }
+
+
+def write_adapter(out_dir, modules: dict, *, r=8, alpha=16, seed=0, base_model=None, dtype="float32",
+                  a_std=None, b_std=0.02, pool=None):
+    """Write a LoRA adapter in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors,
+    keys base_model.model.<module>.lora_A.weight [r, in] / lora_B.weight [out, r]) without PEFT and
+    without a model: fast enough for catalogs of thousands. modules: {PEFT module path: (in, out)}.
+
+    A ~ N(0, a_std = 1/sqrt(in)), B ~ N(0, b_std): unlike PEFT's training init B is non-zero, so the
+    adapter changes outputs. pool (a 1-D float tensor of N(0, 1) samples): weights are cut from it at
+    a seeded offset instead of drawn, which makes a catalog of N adapters cost one draw."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for mod, (n_in, n_out) in modules.items():
+        for kind, shape, std in (("lora_A", (r, n_in), a_std or n_in ** -0.5), ("lora_B", (n_out, r), b_std)):
+            n = shape[0] * shape[1]
+            if pool is not None and pool.numel() > n:
+                off = int(torch.randint(0, pool.numel() - n, (1,), generator=g))
+                w = pool[off:off + n].view(shape) * std
+            else:
+                w = torch.randn(shape, generator=g) * std
+            tensors[f"base_model.model.{mod}.{kind}.weight"] = w.to(getattr(torch, dtype)).contiguous()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(peft_config(r, alpha, leaves, base_model), f, indent=2)
     return out_dir
