@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from dataclasses import dataclass, field
+
+import regex
 
 from ..errors import InvalidAdapter
 
@@ -58,14 +61,14 @@ class AdapterSpec:
     def targets(self, module: str) -> bool:
         """Does target_modules select this module path (PEFT's matching rules)?"""
         ex = self.exclude_modules
-        if ex and (re.fullmatch(ex, module) if isinstance(ex, str)
+        if ex and (_fullmatch(ex, module) if isinstance(ex, str)
                    else any(module == t or module.endswith("." + t) for t in ex)):
             return False
         tm = self.target_modules
         if isinstance(tm, str):
             if tm == "all-linear":
                 return True
-            return re.fullmatch(tm, module) is not None
+            return _fullmatch(tm, module)
         return any(module == t or module.endswith("." + t) for t in tm)
 
 
@@ -81,11 +84,30 @@ def match_pattern(patterns: dict, module: str):
         return None
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", module):
+            if _fullmatch(rf"(.*\.)?({key})", module):
                 return key
         except re.error:
             continue
     return None
+
+
+class PatternTimeout(ValueError):
+    """A config's regex took too long on a module name (catastrophic backtracking)."""
+
+
+REGEX_TIMEOUT_S = 0.05
+
+
+@functools.lru_cache(maxsize=65536)
+def _fullmatch(pattern: str, text: str) -> bool:
+    """re.fullmatch with a time bound: patterns come from adapter configs, i.e. from other people, and
+    a backtracking pattern like (a|aa)+$ would hold the GIL in `re` and stall every serving thread;
+    the `regex` engine (same syntax) can abandon a match after a timeout. Results are cached, so a
+    module that matched once answers the same way when the slab is packed."""
+    try:
+        return regex.fullmatch(pattern, text, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise PatternTimeout(f"regex {_show(pattern)} took over {REGEX_TIMEOUT_S}s on {text!r}") from None
 
 
 # Parsed specs by config bytes. Adapters trained with one recipe have byte-identical configs, so a

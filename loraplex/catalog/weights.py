@@ -10,7 +10,7 @@ import stat as st
 from dataclasses import dataclass
 
 from ..errors import InvalidAdapter
-from .peft import AdapterSpec
+from .peft import AdapterSpec, PatternTimeout
 
 _LINEAR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _EMBED = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<ab>[AB])$")
@@ -66,10 +66,15 @@ def layout(name: str, spec: AdapterSpec, shapes: dict) -> dict[str, ModuleWeight
             raise InvalidAdapter(name, f"module {module} has {what}_{have} but no {what}_{miss}")
         if module in out:
             raise InvalidAdapter(name, f"module {module} has both linear and embedding LoRA weights")
-        if not spec.targets(module):
+        try:
+            selected = spec.targets(module)
+            r = spec.rank_for(module)
+            spec.alpha_for(module)  # the slab packer asks later; a slow pattern is refused here, once
+        except PatternTimeout as e:
+            raise InvalidAdapter(name, str(e)) from None
+        if not selected:
             raise InvalidAdapter(name, f"weights for module {module} but target_modules does not select it")
         (ra, k), (n, rb) = shapes[ab["A"]][0], shapes[ab["B"]][0]
-        r = spec.rank_for(module)
         if ra != r or rb != r:
             raise InvalidAdapter(
                 name,

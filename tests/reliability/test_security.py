@@ -331,3 +331,22 @@ def test_remote_names_and_url_tricks_stay_inside(tmp_path, adapter_source):
             assert kind == "error" or not any("gamma" in n for n in res.names()), (url, res)
     finally:
         s3.stop()
+
+
+def test_backtracking_target_regex_is_refused_in_bounded_time(tmp_path):
+    """target_modules is a regex from someone else's config, matched against module names from the
+    weight file: a catastrophic pattern must fail that adapter quickly, not stall the process."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "cat" / "evil"
+    d.mkdir(parents=True)
+    module = "a" * 40 + "!"
+    (d / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": "(a|aa)+", "bias": "none"}))
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.ones(2, 4),
+               f"base_model.model.{module}.lora_B.weight": torch.ones(4, 2)}, str(d / "adapter_model.safetensors"))
+    cat = Catalog(tmp_path / "cat")
+    t0 = time.monotonic()
+    with pytest.raises(InvalidAdapter, match="took over"):
+        cat.load_tensors("evil")
+    assert time.monotonic() - t0 < 5  # `re` would take hours on 40 characters
