@@ -1,5 +1,6 @@
 """LoRA-wrapped linear layers: the base output as before, plus the LoRA delta of each row's adapter,
-applied by the SGMV ops from the current step's plan."""
+applied by the SGMV ops from the current step's plan, in place into the base output. Decode-sized
+steps allocate nothing: the fp32 intermediate and a slice group's delta live in the context's scratch."""
 
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        plan = self.context.plan_for_rows(x.numel() // x.shape[-1], self.target.name)
+        ctx = self.context
+        plan = ctx.plan_for_rows(x.numel() // x.shape[-1], self.target.name)
         if plan is None:
             return y
         t = self.target
         # nn.Linear's output is freshly allocated and contiguous: the view aliases it
-        ops.add_lora_linear(y.view(-1, y.shape[-1]), _rows(x).contiguous(), t.A, t.B, plan, t.ranks,
-                            self.context.buffer)
+        ops.add_lora_linear(y.view(-1, y.shape[-1]), _rows(x).contiguous(), t.A, t.B, plan, t.ranks, ctx.buffer)
         return y
 
 
@@ -42,7 +43,7 @@ class LoraSliceLinear(nn.Module):
 
     The first slice of the group called in a step computes the delta of every slice in one launch;
     the others reuse it when they are called with the very same input tensor (as HF's attention and
-    MLP do), and compute their own slice otherwise, so results never depend on the call pattern."""
+    MLP do), and the group computes it again otherwise, so results never depend on the call pattern."""
 
     def __init__(self, base: nn.Linear, group: SliceGroup, index: int):
         super().__init__()
@@ -55,32 +56,33 @@ class LoraSliceLinear(nn.Module):
         delta = self.group.delta(x, self.index)
         if delta is None:
             return y
-        return y + delta.view(y.shape).to(y.dtype)
+        return y.add_(delta.view(y.shape).to(y.dtype))  # y is nn.Linear's fresh output: add in place
 
 
 class SliceGroup:
+    """The stacked target of a group of LoraSliceLinear. The group's delta [rows, sum of slice outs]
+    lives in the context (context.delta: which group and input it was computed for), in its static
+    scratch for decode-sized inputs, so every group of a model shares one buffer and a decode step
+    allocates nothing; like the context, a group is used by one thread at a time."""
+
     def __init__(self, target, context):
         self.target = target
         self.context = context
-        self._key = None
-        self._x = None
-        self._delta = None
+        context.reserve_delta(target.out_features, target.dtype)
 
     def delta(self, x, index):
+        """The LoRA delta of slice `index` for input x ([rows, out of the slice], a view), or None."""
         ctx, t = self.context, self.target
         plan = ctx.plan_for_rows(x.numel() // x.shape[-1], t.name)
         if plan is None:
             return None
         lo = t.out_offsets[index]
         hi = lo + t.slices[index].out_features
-        if self._x is x and self._key == ctx.step_id:
-            return self._delta[:, lo:hi]
+        cached = ctx.delta
+        if cached is not None and cached[0] is self and cached[1] is x:
+            return cached[2][:, lo:hi]
         x2 = _rows(x).contiguous()
-        if index == 0:
-            d = torch.zeros(x2.shape[0], t.out_features, dtype=x.dtype, device=x.device)
-            ops.add_lora_linear(d, x2, t.A, t.B, plan, t.ranks, ctx.buffer)
-            self._key, self._x, self._delta = ctx.step_id, x, d
-            return d[:, lo:hi]
-        d = torch.zeros(x2.shape[0], hi - lo, dtype=x.dtype, device=x.device)
-        ops.add_lora_linear(d, x2, [t.A[index]], [t.B[index]], plan, t.ranks, ctx.buffer)
-        return d
+        d = ctx.delta_buffer(x2.shape[0], t.out_features, x.dtype, x.device)
+        ops.add_lora_linear(d, x2, t.A, t.B, plan, t.ranks, ctx.buffer)
+        ctx.delta = (self, x, d)
+        return d[:, lo:hi]

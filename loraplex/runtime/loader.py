@@ -16,8 +16,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
-
 from ..catalog.reader import open_adapter
 from .slab import Slab, pack
 
@@ -150,8 +148,4 @@ class Loader:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def pin_memory_available() -> bool:
-    return torch.cuda.is_available()
-
-
-__all__ = ["Loader", "pin_memory_available"]
+__all__ = ["Loader"]

@@ -57,10 +57,17 @@ class PlanBuffers:
         i32 = dict(dtype=torch.int32, device=self.device)
         self.token_slots = torch.full((max_tokens,), -1, **i32)
         self.sorted_token_ids = torch.zeros(max_tokens, **i32)
-        self._sorted_slots = torch.zeros(max_tokens, dtype=torch.int32, device=self.device)
+        # scratch for build(): every intermediate has a home, so a step allocates nothing on the device
+        self._sorted_slots = torch.zeros(max_tokens, **i32)
         self._sort_idx = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)
-        self._counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=self.device)
+        self._bucket = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)  # slot + 1 per token
         self._ones = torch.ones(max_tokens, dtype=torch.int64, device=self.device)
+        self._counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=self.device)
+        self._starts = torch.zeros(max_loras + 1, dtype=torch.int64, device=self.device)
+        self._present = torch.zeros(max_loras, **i32)
+        self._absent = torch.zeros(max_loras, dtype=torch.int8, device=self.device)
+        self._absent_sorted = torch.zeros(max_loras, dtype=torch.int8, device=self.device)
+        self._active_idx = torch.zeros(max_loras, dtype=torch.int64, device=self.device)
         self.slot_start = torch.zeros(max_loras, **i32)
         self.slot_count = torch.zeros(max_loras, **i32)
         self.active_slots = torch.arange(max_loras, **i32)
@@ -95,14 +102,17 @@ class PlanBuffers:
             self.sorted_token_ids[:T].copy_(self._sort_idx[:T])
         counts = self._counts
         counts.zero_()
-        counts.scatter_add_(0, (slots.long() + 1), self._ones[:T])
-        starts = torch.cumsum(counts, 0)  # starts[s] = tokens with slot < s (i.e. index s-1 in counts)
+        torch.add(slots, 1, out=self._bucket[:T])  # -1 tokens count in counts[0], outside all segments
+        counts.scatter_add_(0, self._bucket[:T], self._ones[:T])
+        torch.cumsum(counts, 0, out=self._starts)  # starts[s] = tokens with slot < s (index s-1 in counts)
         self.slot_count.copy_(counts[1:])
-        self.slot_start.copy_(starts[:-1])
-        present = (counts[1:] > 0)
-        # slots with tokens first: a stable argsort of "absent" keeps ascending slot order in each group
-        self.active_slots.copy_(torch.argsort((~present).to(torch.int8), stable=True))
-        self.num_active.copy_(present.sum().reshape(1))
+        self.slot_start.copy_(self._starts[:-1])
+        torch.gt(counts[1:], 0, out=self._present)
+        # slots with tokens first: a stable sort of "absent" keeps ascending slot order in each group
+        torch.eq(counts[1:], 0, out=self._absent)
+        torch.sort(self._absent, stable=True, out=(self._absent_sorted, self._active_idx))
+        self.active_slots.copy_(self._active_idx)
+        torch.sum(self._present, 0, keepdim=True, dtype=torch.int32, out=self.num_active)
         return BatchPlan(
             num_tokens=T,
             token_slots=slots,

@@ -18,15 +18,17 @@ import contextlib
 import logging
 import threading
 import weakref
-from concurrent.futures import CancelledError, as_completed
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from ..config import RuntimeConfig
 from ..errors import AdapterChanged, CapacityError, ConfigError, LoraplexError, StorageError
 from .arena import HostArena
+from .fill import FillMixin
 from .host_cache import HostCache
 from .loader import Loader
 from .metrics import RuntimeMetrics
@@ -41,6 +43,7 @@ from .upload import Uploader
 
 log = logging.getLogger("loraplex.runtime")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_PLAN_FIELDS = tuple(f.name for f in fields(BatchPlan))
 
 
 @dataclass
@@ -53,7 +56,7 @@ class RuntimePlan(BatchPlan):
     static: bool = False
 
 
-class Runtime(SchedulingMixin):
+class Runtime(SchedulingMixin, FillMixin):
     def __init__(self, catalog, config: RuntimeConfig | None = None, *, metrics_registry=None):
         self.catalog = catalog
         self.config = config = config or RuntimeConfig()
@@ -216,11 +219,15 @@ class Runtime(SchedulingMixin):
 
     def _plan(self, names, tokens, static: bool, load_timeout: float, slot_timeout: float) -> RuntimePlan:
         names = list(names)
-        tokens = [1] * len(names) if tokens is None else [int(t) for t in tokens]
-        if len(tokens) != len(names) or any(t < 0 for t in tokens):
-            raise ValueError(f"tokens_per_request must be {len(names)} non-negative counts, got {tokens}")
-        if sum(tokens) > self.config.max_num_tokens:
-            raise CapacityError(f"step has {sum(tokens)} tokens; max_num_tokens is {self.config.max_num_tokens}")
+        if tokens is None:  # one token per request (decode): the per-token slots are the request slots
+            n_tokens = len(names)
+        else:
+            tokens = [int(t) for t in tokens]
+            if len(tokens) != len(names) or any(t < 0 for t in tokens):
+                raise ValueError(f"tokens_per_request must be {len(names)} non-negative counts, got {tokens}")
+            n_tokens = sum(tokens)
+        if n_tokens > self.config.max_num_tokens:
+            raise CapacityError(f"step has {n_tokens} tokens; max_num_tokens is {self.config.max_num_tokens}")
         distinct = list(dict.fromkeys(n for n in names if n is not None))
         for attempt in range(2):
             entries = {n: self.catalog.get(n) for n in distinct}
@@ -231,29 +238,36 @@ class Runtime(SchedulingMixin):
                 if attempt:
                     raise
                 self.catalog.refresh()  # never under our locks: listeners take them
-        adapters = {n: (e.key, slots[e.key]) for n, e in entries.items()}
-        request_slots = tuple(-1 if n is None else adapters[n][1] for n in names)
-        lease = Lease(slots.values(), self.steps.take_plan_set(static),
+        # from here on the slots are held: whatever fails gives them back
+        lease = Lease(slots.values(), None,
                       torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
         try:
-            bp = self._build(lease, request_slots, tokens, len(distinct))
+            adapters = {n: (e.key, slots[e.key]) for n, e in entries.items()}
+            request_slots = tuple(-1 if n is None else adapters[n][1] for n in names)
+            lease.plan_set = self.steps.take_plan_set(static)
+            bp = self._build(lease, request_slots, tokens, n_tokens, len(distinct))
         except BaseException:
             self.steps.release(lease, static)
             raise
-        return RuntimePlan(**{f.name: getattr(bp, f.name) for f in fields(BatchPlan)}, adapters=adapters,
+        return RuntimePlan(**{f: getattr(bp, f) for f in _PLAN_FIELDS}, adapters=adapters,
                            request_slots=request_slots, lease=lease, static=static)
 
-    def _build(self, lease: Lease, request_slots, tokens, n_distinct: int) -> BatchPlan:
-        ps, T, L = lease.plan_set, sum(tokens), self.config.max_loras
+    def _build(self, lease: Lease, request_slots, tokens, T: int, n_distinct: int) -> BatchPlan:
+        """The step's inputs (slot per token, rank per slot) go through one host block of T + L int32,
+        written with numpy (no torch op per request); on CUDA one H2D copy into the plan set's static
+        device buffer, then PlanBuffers.build runs on the device without a host sync."""
+        ps, L = lease.plan_set, self.config.max_loras
         cuda = self.device.type == "cuda"
         # CUDA: a fresh pinned block per plan. The caching host allocator keeps it until the copy below
         # ran, so the next plan (a static one reuses the same device buffers at once) cannot overwrite
         # inputs that a still-queued copy has yet to read.
         host = torch.empty(T + L, dtype=torch.int32, pin_memory=True) if cuda else ps.host[:T + L]
-        if T:
-            per_token = torch.repeat_interleave(torch.tensor(request_slots, dtype=torch.int32), torch.tensor(tokens))
-            host[:T].copy_(per_token)
-        host[T:].copy_(torch.tensor(self.pool.slot_ranks(), dtype=torch.int32))
+        h = host.numpy()
+        if tokens is None:
+            h[:T] = request_slots
+        elif T:
+            h[:T] = np.repeat(np.asarray(request_slots, dtype=np.int32), tokens)
+        h[T:] = self.pool.slot_ranks()
         src = host
         if cuda:
             src = ps.dev[:T + L]
@@ -284,82 +298,6 @@ class Runtime(SchedulingMixin):
 
     def _reclaim(self) -> None:
         self.steps.reclaim()
-
-    def _acquire(self, entries, timeout: float, slot_timeout: float) -> dict:
-        """Slots for every entry, filled; on any error nothing stays held and the first error is raised."""
-        self._reclaim()
-        slots, fills, waits = self.pool.acquire([e.key for e in entries], timeout=slot_timeout,
-                                                reclaim=self._reclaim)
-        try:
-            errors = self._fill(fills, {e.key: e for e in entries}, timeout)
-            for f in waits:
-                if not f.done.wait(timeout):
-                    errors.append(StorageError(f.key[0], f"another step's load did not finish within {timeout:.0f}s"))
-                elif f.error is not None:
-                    errors.append(f.error)
-            if errors:
-                raise errors[0]
-        except BaseException:
-            self.pool.release(slots.values())
-            raise
-        return slots
-
-    def _fill(self, fills, entries: dict, timeout: float) -> list:
-        """Load (or take from the host cache) and upload every adapter this plan must write."""
-        errors, futs = [], {}
-        for f in fills:
-            try:
-                futs[self.loader.acquire(entries[f.key], claim=True)] = f
-            except BaseException as e:  # noqa: BLE001
-                self.pool.finish_fill(f, error=e)
-                errors.append(e)
-        try:
-            for fut in as_completed(futs, timeout=timeout):
-                f = futs[fut]
-                try:
-                    slab = fut.result()
-                except CancelledError:  # a refresh cancelled the queued load of this version
-                    e = AdapterChanged(f.key[0], f.key[1], self._current_version(f.key[0]))
-                    self.pool.finish_fill(f, error=e)
-                    errors.append(e)
-                    continue
-                except BaseException as e:  # noqa: BLE001 - the catalog's error, for every waiter
-                    self.pool.finish_fill(f, error=e)
-                    errors.append(e)
-                    continue
-                self._upload(f, slab, errors)
-        except FutureTimeout:
-            for fut, f in futs.items():
-                if not f.done.is_set():
-                    e = StorageError(f.key[0], f"load did not finish within {timeout:.0f}s")
-                    self.pool.finish_fill(f, error=e)
-                    errors.append(e)
-                    fut.add_done_callback(self._drop_late_lease)
-        return errors
-
-    def _drop_late_lease(self, fut) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self.host.unlease(fut.result().key)
-
-    def _upload(self, fill, slab, errors: list) -> None:
-        handle = None
-        try:
-            if slab.layout.generation != self._generation:
-                raise RuntimeError(f"LoRA adapter '{slab.key[0]}' was packed for other targets")
-            handle = self.uploader.upload(slab, fill.slot, self.pool.slots[fill.slot].ranks)
-            self.pool.finish_fill(fill, upload=handle if handle.done is not None else None,
-                                  slice_ranks=slab.layout.slice_ranks, rank=max(slab.layout.target_ranks, default=0))
-            self.metrics.uploaded_bytes.inc(slab.nbytes)
-            if handle.done is None:
-                self.metrics.phase("upload", handle.seconds)
-        except BaseException as e:  # noqa: BLE001
-            self.pool.finish_fill(fill, error=e)
-            errors.append(e)
-        finally:
-            if handle is not None and handle.done is not None:
-                self.steps.upload_issued(handle, slab.key)
-            else:
-                self.host.unlease(slab.key)
 
     # ---- inspection and policy ------------------------------------------------------------------
     def slot_of(self, name: str):

@@ -29,11 +29,11 @@ class PlanSet:
 
 
 class Lease:
-    """What one plan holds: slot indices (one per distinct adapter) and its PlanSet."""
+    """What one plan holds: slot indices (one per distinct adapter) and its PlanSet (None until taken)."""
 
     __slots__ = ("slots", "plan_set", "stream", "released")
 
-    def __init__(self, slots, plan_set: PlanSet, stream=None):
+    def __init__(self, slots, plan_set: PlanSet | None, stream=None):
         self.slots = list(slots)
         self.plan_set = plan_set
         self.stream = stream
@@ -66,8 +66,8 @@ class StepTracker:
                 return self._free.pop(0)
         return PlanSet(self.max_tokens, self.max_loras, self.device)
 
-    def _give_back(self, ps: PlanSet) -> None:
-        if ps.static and ps is not self.primary:
+    def _give_back(self, ps: PlanSet | None) -> None:
+        if ps is None or (ps.static and ps is not self.primary):  # None: the plan failed before taking one
             return
         with self._lock:
             if ps is self.primary:

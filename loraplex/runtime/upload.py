@@ -58,10 +58,6 @@ class Uploader:
         self._stream = torch.cuda.Stream(device=self.device, priority=-1) if self.cuda else None
         self._staging = None
 
-    @property
-    def stream(self):
-        return self._stream
-
     def _slot_views(self, slab, slot: int):
         """(dst, src-region) pairs: where each region of the slab lands in slot `slot`."""
         out = []

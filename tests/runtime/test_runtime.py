@@ -207,3 +207,23 @@ def test_targets_must_match_config(make_runtime, catalog_dir):
     refs = _refs(rt.catalog, ["beta-r8"])
     with rt.step(["beta-r8"]) as plan:
         check_plan(rt, plan, refs)
+
+
+@pytest.mark.parametrize("where", ["take_plan_set", "build"])
+def test_plan_failing_after_acquire_gives_the_slots_back(make_runtime, catalog_dir, monkeypatch, where):
+    rt = make_runtime(catalog_dir, max_loras=2)
+    rt.release(rt.plan(["alpha-r4", "beta-r8"]))  # resident: the failing plan takes hits only
+
+    def fail(*a, **kw):
+        raise MemoryError("injected")
+
+    if where == "build":
+        monkeypatch.setattr(rt.steps.primary.buffers, "build", fail)
+    else:
+        monkeypatch.setattr(rt.steps, "take_plan_set", fail)
+    with pytest.raises(MemoryError):
+        rt.plan(["alpha-r4", "beta-r8"])
+    assert rt.stats()["gpu"]["in_use"] == 0
+    monkeypatch.undo()
+    with rt.step(["beta-r8", None], [1, 2]) as plan:  # the plan buffers are usable again
+        assert plan.token_slots.tolist() == [plan.adapters["beta-r8"][1], -1, -1]
