@@ -166,6 +166,19 @@ def save_png(fig, path, env: dict | None = None) -> Path:
     return path
 
 
+def time_left() -> float:
+    """Seconds until $LORAPLEX_DEADLINE (a Unix time that bench/gpu_run.sh sets for each stage, a
+    little before it kills the stage); inf when unset. Sweeps stop starting new work when it runs
+    low and write what they have, so a short device lease still returns results."""
+    d = os.environ.get("LORAPLEX_DEADLINE")
+    return float(d) - time.time() if d else float("inf")
+
+
+def interpreting() -> bool:
+    """Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1, set before their import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def out_dir(default: Path = RESULTS) -> Path:
     """Where results go: $LORAPLEX_BENCH_OUT if set (the GPU runner points it at $OUT), else bench/results."""
     p = Path(os.environ.get("LORAPLEX_BENCH_OUT") or default)

@@ -339,17 +339,6 @@ def main(argv=None):
     if not (err < tol and moved > 10 * tol):
         raise SystemExit("FAIL: loraplex and the naive path disagree (or the adapters change nothing)")
     runs = []
-    for mix in a.mixes.split(","):
-        for system in a.systems.split(","):
-            n = a.naive_requests if system == "naive" else a.requests
-            reqs = make_requests(mix, names, n, a.prompt, cfg.vocab, seed=MIXES.index(mix))
-            eng = Engine(model, system, catalog, a)
-            wall = serve(eng, reqs, a, f"{mix}/{system}")
-            runs.append(summarize(mix, system, reqs, wall, eng))
-            eng.close()
-            r = runs[-1]
-            print(f"{mix:>9} {system:>8}: {r['tokens_per_s']:9.1f} tok/s | TTFT median ms " + ", ".join(
-                f"{t} {v['median']:.1f} (n={v['n']})" for t, v in r["ttft_ms_by_tier"].items() if v["n"]), flush=True)
     result = {"env": env, "config": {k: v for k, v in vars(a).items()}, "model": cfg.__dict__,
               "check": {"max_error": err, "adapter_effect": moved, "tolerance": tol}, "runs": runs,
               "ttft": "from reaching the head of the line (a free cache row) to the first token"}
@@ -358,6 +347,22 @@ def main(argv=None):
                           "a busy shared machine; it shows the pipeline works, not how fast it is on a GPU")
     out = Path(a.out) if a.out else common.out_dir()
     stem = "e2e_cpu" if dev.type == "cpu" else f"e2e_{common.gpu_name().replace(' ', '_')}"
+    plan = [(mix, system) for mix in a.mixes.split(",") for system in a.systems.split(",")]
+    for i, (mix, system) in enumerate(plan):
+        if common.time_left() < 30:
+            result["truncated"] = f"deadline: {len(plan) - i} of {len(plan)} (mix, system) runs not started"
+            print(f"# {result['truncated']}", flush=True)
+            break
+        n = a.naive_requests if system == "naive" else a.requests
+        reqs = make_requests(mix, names, n, a.prompt, cfg.vocab, seed=MIXES.index(mix))
+        eng = Engine(model, system, catalog, a)
+        wall = serve(eng, reqs, a, f"{mix}/{system}")
+        runs.append(summarize(mix, system, reqs, wall, eng))
+        eng.close()
+        r = runs[-1]
+        print(f"{mix:>9} {system:>8}: {r['tokens_per_s']:9.1f} tok/s | TTFT median ms " + ", ".join(
+            f"{t} {v['median']:.1f} (n={v['n']})" for t, v in r["ttft_ms_by_tier"].items() if v["n"]), flush=True)
+        common.write_json(out / f"{stem}.json", result)  # after every run: a killed stage keeps them
     common.write_json(out / f"{stem}.json", result)
     plot(result, out / f"{stem}.png", env)
     print(f"# wrote {out / stem}.json and .png")

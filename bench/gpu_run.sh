@@ -1,70 +1,129 @@
 #!/usr/bin/env bash
-# The GPU session's one call: GPU tests, kernel benchmarks, the decode-step figure (ours vs vLLM's and
-# SGLang's ops), the end-to-end run and the demo on the H200, everything written under $OUT.
+# The GPU session's one call: GPU tests, the decode-step figure (ours vs vLLM's and SGLang's ops),
+# per-layer kernels, cache-miss upload, end-to-end serving and the demo on the H200. bench/GPU_RUN.md
+# says how to call it with the device tool and what to do with what comes back.
 #
-# BEFORE the call, on the CPU machine (the GPU machine has no package index and no internet, so the
-# peers' op files must be fetched here and carried; .peers/ is git-ignored):
-#   bash /work/shared/peers/get_vllm_ops.sh .peers/vllm
-#   bash /work/shared/peers/get_sglang_ops.sh .peers/sglang
-#   cp /work/shared/peers/sglang_peer.py .peers/        # step.py imports it from there on the GPU machine
-# then, with the device tool:
-#   run(command="bash bench/gpu_run.sh", carry=[".peers"], timeout_s=600)
-# and copy what comes back ($OUT/results/*.json, *.png) into bench/results/ to commit.
+#   bash bench/gpu_run.sh                  # on the GPU machine ($OUT set by the device tool)
+#   CPU_SMOKE=1 bash bench/gpu_run.sh      # here: every stage at tiny sizes (Triton interpreter, fp16
+#                                          # where the peers run), to catch errors before device time
 #
-# Device time is short (15 minutes per task, start-up included; 10 minutes per command): each stage
-# has its own time limit (they sum to 560 s), a failed or timed-out stage does not stop the next, and
-# the summary at the end says which passed. STAGES picks stages (default: all, in this order); to
-# split the work over two calls:
-#   STAGES="env tests kernels step_linear" bash bench/gpu_run.sh   then   STAGES="step e2e demo" ...
-# The GPU machine has torch 2.11, triton 3.6, transformers 5.17, peft, pytest and no vLLM: the system
-# python3 is used with the repository on PYTHONPATH (the CPU machine's .venv is not carried).
+# Time: TOTAL_S (default 480 s) bounds the whole script. Each stage gets min(its own limit, what is
+# left); its scripts see LORAPLEX_DEADLINE (Unix time) and stop starting new work before it, writing
+# what they measured; a stage that overruns is stopped (SIGINT, then SIGKILL 5 s later). A failed or
+# stopped stage never stops the next. Results and logs go to $WORK and are bundled into
+# $OUT/loraplex_gpu.tgz after EVERY stage (the device tool returns at most 8 files from $OUT, also
+# when the command is killed), beside $OUT/summary.txt and $OUT/console.log.
+# STAGES picks stages, in this order (default all): env tests step_linear kernels upload step e2e demo
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T_START=$SECONDS
+if [ "${CPU_SMOKE:-0}" = 1 ]; then TOTAL_S=${TOTAL_S:-1500} LIMIT_SCALE=3; else TOTAL_S=${TOTAL_S:-480} LIMIT_SCALE=1; fi
 OUT=${OUT:-/tmp/loraplex_gpu_out}
-mkdir -p "$OUT/results" "$OUT/logs"
-export LORAPLEX_BENCH_OUT="$OUT/results" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/loraplex_triton_cache}
-PY=${PYTHON:-python3}
-STAGES=${STAGES:-"env tests kernels step_linear step e2e demo"}
+WORK=${WORK:-/tmp/loraplex_gpu_work}
+rm -rf "$WORK"
+mkdir -p "$OUT" "$WORK/results" "$WORK/logs"
+: > "$OUT/console.log"
+exec > >(tee -a "$OUT/console.log") 2>&1
+export LORAPLEX_BENCH_OUT="$WORK/results" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# in the repo (git-ignored .cache/): kept on a warm device machine between calls, so a second call compiles less
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
+export TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
+R="$WORK/results"
+STAGES=${STAGES:-"env tests step_linear kernels upload step e2e demo"}
+
+if [ "${CPU_SMOKE:-0}" = 1 ]; then
+  # the CPU machine: interpreter, tiny shapes, fp16 wherever the peers run (the interpreter's bf16 dot is wrong)
+  PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+  export TRITON_INTERPRET=1
+  TESTS_ARGS=""
+  STEP_LIN_ARGS="--smoke --linear-only --dtype float16 --tokens 1,5 --adapters 1,3 --out $R"
+  STEP_ARGS="--smoke --dtype float16 --tokens 1,5 --adapters 1,3 --out $R"
+  KERNELS_ARGS="--smoke --tokens 1 5 --adapters 1 3 --out $R"
+  UPLOAD_ARGS="--cpu --layers 2 --adapters 2 --repeats 2 --out $R"
+  E2E_ARGS="--cpu --adapters 6 --slots 2 --host 3 --requests 6 --naive-requests 3 --batch 2 --new-tokens 3 \
+--mixes zipf,identical --catalog-dir $WORK/e2e-catalog --out $R"
+  DEMO_ARGS="--setting smallest --data $WORK/demo_data"
+else
+  PY=${PYTHON:-python3}
+  TESTS_ARGS="--timeout=60"
+  STEP_LIN_ARGS="--linear-only --out $R"
+  STEP_ARGS="--tokens 1,32,256 --out $R"
+  KERNELS_ARGS="--ranks 16 --reps 50 --out $R"
+  UPLOAD_ARGS="--out $R"
+  E2E_ARGS="--adapters 400 --requests 256 --naive-requests 64 --mixes zipf,uniform,identical,distinct \
+--catalog-dir /tmp/loraplex-e2e --out $R"
+  DEMO_ARGS="--data /tmp/loraplex_demo_data"
+fi
 summary="$OUT/summary.txt"
 : > "$summary"
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/logs/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
-  local t0=$SECONDS
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/logs/$name.log"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" >> "$OUT/logs/$name.log" 2>&1
-  local rc=$?
-  local verdict=ok
-  [ $rc -eq 124 ] && verdict="TIMEOUT" || { [ $rc -ne 0 ] && verdict="FAILED rc=$rc"; }
-  echo "$name: $verdict ($((SECONDS - t0)) s)" | tee -a "$summary"
-  tail -n 25 "$OUT/logs/$name.log"
+bundle() {  # results + logs -> $OUT/loraplex_gpu.tgz, replaced whole (a kill mid-write leaves the old one)
+  { tar -czf "$OUT/.bundle.tmp" -C "$WORK" results logs 2>/dev/null ||
+    $PY -c "import sys, tarfile; t = tarfile.open(sys.argv[1], 'w:gz'); [t.add(sys.argv[2] + '/' + d, d) for d in ('results', 'logs')]; t.close()" \
+      "$OUT/.bundle.tmp" "$WORK"; } && mv -f "$OUT/.bundle.tmp" "$OUT/loraplex_gpu.tgz"
 }
 
-stage env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(torch.__version__, \
-torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))'; \
-ls .peers .peers/* 2>&1 | head -20"
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to logs/NAME.log
+  local name=$1 want=$(($2 * LIMIT_SCALE))
+  shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$((TOTAL_S - (SECONDS - T_START) - 10))  # 10 s kept for the last bundle and the summary
+  local limit=$((want < left ? want : left))
+  if [ "$limit" -lt 20 ]; then
+    echo "$name: SKIPPED (only ${left} s left of TOTAL_S=${TOTAL_S})" | tee -a "$summary"
+    return 0
+  fi
+  local log="$WORK/logs/$name.log" t0=$SECONDS
+  echo "=== $name (limit ${limit}s, at $((SECONDS - T_START)) s): $*" | tee -a "$log"
+  # the scripts stop starting new work ~10 s before the stage is stopped, and write what they have
+  LORAPLEX_DEADLINE=$(($(date +%s) + limit - 10)) \
+    timeout --signal=INT --kill-after=5 "$limit" "$@" >> "$log" 2>&1
+  local rc=$? verdict=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMEOUT (stopped at ${limit} s)"
+  elif [ $rc -ne 0 ]; then verdict="FAILED rc=$rc"; fi
+  echo "$name: $verdict ($((SECONDS - t0)) s)" | tee -a "$summary"
+  tail -n 25 "$log"
+  bundle
+}
 
-# tests that need the GPU (real shapes, CUDA graphs, streams); the CPU suite runs in CI
-stage tests 90 $PY -m pytest -q -x -m gpu tests -p no:cacheprovider
+stage env 25 bash -c "nvidia-smi 2>&1 | head -15; $PY -c 'import sys, torch, triton, transformers, peft; \
+print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
+peft.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'; \
+$PY -c 'import sys; sys.path.insert(0, \".peers/vllm\"); import vllm.lora.ops.triton_ops as v; print(\"vllm ops ok\")'; \
+SGLANG_SHIM=.peers/sglang $PY -c 'import importlib.util as u; s = u.spec_from_file_location(\"p\", \".peers/sglang_peer.py\"); \
+m = u.module_from_spec(s); s.loader.exec_module(m); print(\"sglang ops ok\")'; \
+$PY -c 'import loraplex.kernels.ops, loraplex.kernels.sgmv_fused, loraplex.kernels.sgmv_shrink, \
+loraplex.kernels.sgmv_expand, loraplex.kernels.embedding; print(\"loraplex kernels import ok\")'"
 
-# per-layer kernels vs the bandwidth floor and the peers (bench/kernels.py, another helper's)
-stage kernels 90 $PY bench/kernels.py --out "$OUT/results"
+# correctness at real shapes and CUDA-graph replay (kernels), device plans, overlapped uploads (runtime);
+# no -x: every test runs; pytest-timeout bounds each test; -v so a stopped run still shows each outcome
+stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/kernels/test_gpu.py -p no:cacheprovider \
+  -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
 
-# the decode-step figure: linear modules only (the setup of TARGETS.md's peer table), then the full
-# model with attention over a 128-token context
-stage step_linear 120 $PY bench/step.py --linear-only --out "$OUT/results"
-stage step 75 $PY bench/step.py --tokens 1,32,256 --out "$OUT/results"
+# the headline: decode step kept vs base, ours beside vLLM's and SGLang's ops (TARGETS.md's setup)
+stage step_linear 120 $PY bench/step.py $STEP_LIN_ARGS
 
-# tokens/s and TTFT with 1000 adapters, the four mixes, the four systems
-stage e2e 120 $PY bench/e2e.py --requests 256 --naive-requests 64 --catalog-dir /tmp/loraplex-e2e \
-  --out "$OUT/results"
+# per layer vs the bandwidth floor and the peers, eager and graphed
+stage kernels 90 $PY bench/kernels.py $KERNELS_ARGS
 
-# the demo on the GPU with the Triton kernels (fp32: the exact check against transformers + PEFT)
-stage demo 45 $PY -m loraplex.demo --data /tmp/loraplex_demo_data
+# cache miss: storage -> slab -> slot vs one-copy H2D, and GEMM slowdown while uploads run
+stage upload 45 $PY bench/upload.py $UPLOAD_ARGS
 
-echo "=== summary"
+# the decode step of the full model (attention over a 128-token context)
+stage step 60 $PY bench/step.py $STEP_ARGS
+
+# tokens/s and TTFT, adapters >> slots, four mixes, four systems
+stage e2e 120 $PY bench/e2e.py $E2E_ARGS
+
+# the demo with the Triton kernels (fp32: exact check against transformers + PEFT)
+stage demo 45 $PY -m loraplex.demo $DEMO_ARGS
+
+bundle
+echo "=== summary ($((SECONDS - T_START)) s of TOTAL_S=${TOTAL_S})"
 cat "$summary"
-ls -la "$OUT/results"
+ls -la "$R" "$OUT"
+# the headline table last, where the device tool's output_tail shows it
+for f in step_linear step; do
+  [ -f "$WORK/logs/$f.log" ] && { echo "--- $f"; grep -E '^ +[0-9]+ +[0-9]+ |^# (reference|FAIL|trunc)' "$WORK/logs/$f.log"; }
+done
+exit 0

@@ -2,9 +2,11 @@
 
 Modules qkv (4096 -> 4096+1024+1024), o (4096 -> 4096), gate_up (4096 -> 2x14336), down
 (14336 -> 4096); tokens {1,16,64,256,1024,4096} spread uniformly over {1,8,32} distinct adapters
-(32 slots); rank {16,64}; bf16. Systems: ours eager and CUDA-graphed, vLLM 0.33's and SGLang
-0.5.23's Triton LoRA ops (eager and graphed, when fetched into .peers/ by
-/work/shared/peers/get_*_ops.sh; GPU only) and a torch loop (kernels/reference.py). Every system
+(32 slots); rank {16,64}; bf16. Systems: ours eager and CUDA-graphed (for 1 < T <= 256 also the
+path add_lora_linear does not take there, loraplex_fused or loraplex_unfused: the data that sets
+fused_max_tokens), vLLM 0.33's and SGLang 0.5.23's Triton LoRA ops (eager and graphed, when fetched
+into .peers/ by /work/shared/peers/get_*_ops.sh; on a GPU, or in --smoke under the interpreter) and
+a torch loop (kernels/reference.py). Every system
 is checked against the fp32 reference before it is timed. Each time is reported as median and
 p20/p80 over calls with L2 flushed before each, beside the bandwidth floor: the bytes that must
 move (x, the A/B rows of the adapters in use, y read + written) over a measured device copy rate.
@@ -49,10 +51,11 @@ class Case:
         used = torch.randperm(SLOTS, generator=g)[:D]
         self.tok = used[torch.randperm(T, generator=g) % D].to(torch.int32).to(device)  # uniform over D
         self.ranks = torch.full((SLOTS,), R, dtype=torch.int32, device=device)
-        self.A = [(torch.randn(SLOTS, R, K, generator=g) / K ** 0.5).to(dtype).to(device) for _ in widths]
-        self.B = [(torch.randn(SLOTS, n, R, generator=g) / R ** 0.5).to(dtype).to(device) for n in widths]
-        self.x = torch.randn(T, K, generator=g).to(dtype).to(device)
-        self.y0 = torch.randn(T, sum(widths), generator=g).to(dtype).to(device)
+        gd = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: 10^8 values at T=4096
+        self.A = [(torch.randn(SLOTS, R, K, generator=gd, device=device) / K ** 0.5).to(dtype) for _ in widths]
+        self.B = [(torch.randn(SLOTS, n, R, generator=gd, device=device) / R ** 0.5).to(dtype) for n in widths]
+        self.x = torch.randn(T, K, generator=gd, device=device).to(dtype)
+        self.y0 = torch.randn(T, sum(widths), generator=gd, device=device).to(dtype)
         self.y = self.y0.clone()
         self.plan = PlanBuffers(T, SLOTS, device).build(self.tok, self.ranks, max_active=D)
         self.scratch = torch.empty(len(widths), T, R, dtype=torch.float32, device=device)
@@ -66,6 +69,23 @@ class Case:
 # ---- systems: each returns fn() doing case.y += LoRA(case.x) in place, metadata built outside fn
 def loraplex_fn(c):
     return lambda: ops.add_lora_linear(c.y, c.x, c.A, c.B, c.plan, buffer=c.scratch)
+
+
+def loraplex_alt_fn(c):
+    """The path add_lora_linear does NOT take at this T (fused <-> shrink+expand), with the same
+    launchers: the data for choosing fused_max_tokens in kernels/configs/<GPU>.json."""
+    from loraplex.kernels.common import plan_tensors
+    from loraplex.kernels.sgmv_expand import run as expand
+    from loraplex.kernels.sgmv_fused import run as fused
+    from loraplex.kernels.sgmv_shrink import run as shrink
+
+    meta = (*plan_tensors(c.plan, c.ranks), c.plan.max_active)
+    if ops.use_fused(c.T, c.x.device):
+        def fn():
+            shrink(c.x, c.A, c.scratch, *meta, 1.0)
+            expand(c.scratch, c.B, c.y, *meta, True)
+        return "loraplex_unfused", fn
+    return "loraplex_fused", lambda: fused(c.y, c.x, c.A, c.B, *meta, 1.0)
 
 
 def torch_loop_fn(c):
@@ -90,9 +110,7 @@ def vllm_fn(c, peers):
 
 def sglang_fn(c, peers):
     os.environ["SGLANG_SHIM"] = str(peers / "sglang")
-    path = next(p for p in (peers / "sglang_peer.py", REPO.parent / "shared/peers/sglang_peer.py",
-                            Path("/work/shared/peers/sglang_peer.py")) if p.is_file())
-    spec = importlib.util.spec_from_file_location("sglang_peer", path)
+    spec = importlib.util.spec_from_file_location("sglang_peer", _sglang_peer_path(peers))
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
     apply = peer.make_sglang_lora([a.unsqueeze(1) for a in c.A], [b.unsqueeze(1) for b in c.B], c.tok)
@@ -112,14 +130,26 @@ def graphed(fn):
     return g.replay
 
 
-def peers_available(peers: Path) -> dict:
-    gpu = torch.cuda.is_available()
-    return {"vllm": gpu and (peers / "vllm/vllm/lora/ops/triton_ops/__init__.py").is_file(),
-            "sglang": gpu and (peers / "sglang/sglang/srt/lora/utils.py").is_file()}
+def _sglang_peer_path(peers: Path):
+    """sglang_peer.py: where GPU_RUN.md copies it (.peers/), else the shared folder."""
+    return next((p for p in (peers / "sglang_peer.py", REPO.parent / "shared/peers/sglang_peer.py",
+                             Path("/work/shared/peers/sglang_peer.py")) if p.is_file()), None)
+
+
+def peers_available(peers: Path, smoke: bool = False) -> dict:
+    """Peers run on a GPU, and in --smoke under the Triton interpreter (fp16: checks only)."""
+    usable = (torch.cuda.is_available() and not smoke) or (smoke and common.interpreting())
+    return {"vllm": usable and (peers / "vllm/vllm/lora/ops/triton_ops/__init__.py").is_file(),
+            "sglang": usable and (peers / "sglang/sglang/srt/lora/utils.py").is_file()
+            and _sglang_peer_path(peers) is not None}
 
 
 def systems(c, peers, avail, want):
-    out = {"loraplex": lambda: loraplex_fn(c), "torch_loop": lambda: torch_loop_fn(c)}
+    out = {"loraplex": lambda: loraplex_fn(c)}
+    if 1 < c.T <= 256:  # around the fused/unfused switch
+        label, fn = loraplex_alt_fn(c)
+        out[label] = lambda: fn
+    out["torch_loop"] = lambda: torch_loop_fn(c)
     if avail["vllm"]:
         out["vllm"] = lambda: vllm_fn(c, peers)
     if avail["sglang"]:
@@ -161,7 +191,9 @@ def time_us(fn, reps, flush):
     return [a.elapsed_time(b) * 1e3 for a, b in evs]
 
 
-def run(args):
+def run(args, save=None):
+    """The sweep, rank -> tokens -> adapters -> layer (so a sweep cut short by the deadline still
+    covers every layer at the smaller sizes). save(env, rows) is called after every case."""
     gpu = torch.cuda.is_available() and not args.smoke
     device = "cuda" if gpu else "cpu"
     layers = SMOKE_LAYERS if args.smoke else LAYERS
@@ -169,45 +201,60 @@ def run(args):
     adapters = args.adapters or ([1, 3] if args.smoke else [1, 8, 32])
     ranks = args.ranks or ([8] if args.smoke else [16, 64])
     peers = Path(args.peers)
-    avail = peers_available(peers)
+    avail = peers_available(peers, args.smoke)
     env = common.env_info()
     env["peers"] = avail
     bw = copy_bandwidth(device) if gpu else None
     env["copy_bytes_per_s"] = bw
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if gpu else None
     rows, failed = [], []
-    for name in args.layers or list(layers):
+    cases = [(name, R, D, T) for R in ranks for T in tokens for D in adapters for name in (args.layers or list(layers))
+             if D <= T]
+    for i, (name, R, D, T) in enumerate(cases):
+        if common.time_left() < 15:
+            env["truncated"] = f"deadline: {len(cases) - i} of {len(cases)} cases not run"
+            print(f"# {env['truncated']}", flush=True)
+            break
         K, widths = layers[name]
-        for R in ranks:
-            for D in adapters:
-                for T in tokens:
-                    if D > T:
-                        continue
-                    c = Case(K, widths, T, D, R, torch.bfloat16 if gpu else torch.float16, device)
-                    floor = c.floor_bytes() / bw * 1e6 if bw else None
-                    for sys_name, make in systems(c, peers, avail, args.systems).items():
-                        fn = make()
-                        err = check(c, fn)
-                        ok = err <= TOL[c.dtype]
-                        variants = [(sys_name, fn)]
-                        if gpu and sys_name != "torch_loop":  # the loop syncs with the host: not capturable
-                            variants.append((sys_name + "_graph", graphed(fn)))
-                        for label, f in variants:
-                            row = dict(layer=name, K=K, widths=list(widths), T=T, adapters=D, rank=R, system=label,
-                                       check_err=err, check="pass" if ok else "FAIL", floor_us=floor)
-                            if label != sys_name:  # re-check what the graph computes
-                                row["check_err"] = err = check(c, f)
-                                row["check"] = "pass" if err <= TOL[c.dtype] else "FAIL"
-                            if row["check"] == "FAIL":
-                                failed.append(row)
-                            elif gpu:
-                                reps = max(5, args.reps // 10) if sys_name == "torch_loop" else args.reps
-                                p = common.percentiles(time_us(f, reps, flush))
-                                row.update(median_us=p["median"], p20_us=p["p20"], p80_us=p["p80"],
-                                           x_floor=p["median"] / floor)
-                            rows.append(row)
-                            print(_line(row), flush=True)
-                    del c
+        c = Case(K, widths, T, D, R, torch.bfloat16 if gpu else torch.float16, device)
+        floor = c.floor_bytes() / bw * 1e6 if bw else None
+        for sys_name, make in systems(c, peers, avail, args.systems).items():
+            try:
+                fn = make()
+                err = check(c, fn)
+            except Exception as e:  # noqa: BLE001 - one system's failure must not end the sweep
+                row = dict(layer=name, K=K, widths=list(widths), T=T, adapters=D, rank=R, system=sys_name,
+                           check_err=float("nan"), check="FAIL", floor_us=floor, error=f"{type(e).__name__}: {e}")
+                failed.append(row)
+                rows.append(row)
+                print(_line(row), "|", row["error"][:300], flush=True)
+                continue
+            ok = err <= TOL[c.dtype]
+            variants = [(sys_name, fn)]
+            if gpu and sys_name != "torch_loop":  # the loop syncs with the host: not capturable
+                variants.append((sys_name + "_graph", lambda fn=fn: graphed(fn)))
+            for label, f in variants:
+                row = dict(layer=name, K=K, widths=list(widths), T=T, adapters=D, rank=R, system=label,
+                           check_err=err, check="pass" if ok else "FAIL", floor_us=floor)
+                try:
+                    if label != sys_name:  # capture, then re-check what the graph computes
+                        f = f()
+                        row["check_err"] = err2 = check(c, f)
+                        row["check"] = "pass" if err2 <= TOL[c.dtype] else "FAIL"
+                    if row["check"] == "pass" and gpu:
+                        reps = max(5, args.reps // 10) if sys_name == "torch_loop" else args.reps
+                        p = common.percentiles(time_us(f, reps, flush))
+                        row.update(median_us=p["median"], p20_us=p["p20"], p80_us=p["p80"],
+                                   x_floor=p["median"] / floor)
+                except Exception as e:  # noqa: BLE001
+                    row.update(check="FAIL", error=f"{type(e).__name__}: {e}")
+                if row["check"] == "FAIL":
+                    failed.append(row)
+                rows.append(row)
+                print(_line(row) + (f" | {row['error'][:300]}" if "error" in row else ""), flush=True)
+        del c
+        if save is not None:
+            save(env, rows)
     return env, rows, failed
 
 
@@ -252,17 +299,24 @@ def main(argv=None):
     ap.add_argument("--tokens", nargs="*", type=int)
     ap.add_argument("--adapters", nargs="*", type=int)
     ap.add_argument("--ranks", nargs="*", type=int)
-    ap.add_argument("--systems", nargs="*", help="loraplex torch_loop vllm sglang (default: all available)")
+    ap.add_argument("--systems", nargs="*", help="loraplex loraplex_fused loraplex_unfused torch_loop vllm sglang "
+                    "(default: all available)")
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--peers", default=str(REPO / ".peers"), help="dir with vllm/ and sglang/ from get_*_ops.sh")
     ap.add_argument("--out", help="output dir (default: $LORAPLEX_BENCH_OUT or bench/results; smoke: a temp dir)")
     args = ap.parse_args(argv)
-    env, rows, failed = run(args)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="kernels_smoke_")) if args.smoke
                                            else common.out_dir())
-    stem = "kernels_smoke" if args.smoke else "kernels_" + "".join(ch if ch.isalnum() else "_" for ch in env["gpu"])
-    common.write_json(out / f"{stem}.json", {"env": env, "rows": rows})
-    plot(rows, out / f"{stem}.png", env)
+    gpu = "cpu" if args.smoke or not torch.cuda.is_available() else common.gpu_name()
+    stem = "kernels_smoke" if args.smoke else "kernels_" + "".join(ch if ch.isalnum() else "_" for ch in gpu)
+
+    def save(env, rows):  # after every case: a stage killed at its time limit keeps what it measured
+        common.write_json(out / f"{stem}.json", {"env": env, "rows": rows})
+
+    env, rows, failed = run(args, save)
+    save(env, rows)
+    if rows:
+        plot(rows, out / f"{stem}.png", env)
     print(f"wrote {out / stem}.json and .png")
     if failed:
         print(f"{len(failed)} system(s) FAILED their check:", *[_line(r) for r in failed], sep="\n")

@@ -159,10 +159,13 @@ def _sglang_peer(peers: Path):
     return None
 
 
-def peers_available(peers: Path) -> dict:
-    gpu = torch.cuda.is_available()
-    return {"vllm": gpu and (peers / "vllm/vllm/lora/ops/triton_ops/__init__.py").is_file(),
-            "sglang": gpu and (peers / "sglang/sglang/srt/lora/utils.py").is_file() and _sglang_peer(peers) is not None}
+def peers_available(peers: Path, smoke: bool = False) -> dict:
+    """Peers run on a GPU, and in --smoke under the Triton interpreter (use --dtype float16 there:
+    the interpreter's bf16 dot is broken; checks only)."""
+    usable = torch.cuda.is_available() or (smoke and common.interpreting())
+    return {"vllm": usable and (peers / "vllm/vllm/lora/ops/triton_ops/__init__.py").is_file(),
+            "sglang": usable and (peers / "sglang/sglang/srt/lora/utils.py").is_file()
+            and _sglang_peer(peers) is not None}
 
 
 # ---- weights, token mixes, reference check, bytes
@@ -267,72 +270,96 @@ def main(argv=None):
     model = DecoderModel(cfg, max(tokens), max_seq, dtype, dev, attention=not args.linear_only).eval()
     targets = make_targets(model, args.slots, args.rank, args.lm_head)
     peers = Path(args.peers)
-    avail = peers_available(peers)
-    systems = [Base()]
+    avail = peers_available(peers, args.smoke)
+    systems, errors = [Base()], {}
     for name in args.systems.split(","):
-        if name == "loraplex":
-            systems.append(Loraplex(targets, max(tokens), args.slots, args.rank, dev))
-        elif name in ("vllm", "sglang") and not avail[name]:
-            print(f"# {name}: skipped ({'no GPU' if dev.type != 'cuda' else f'not fetched into {peers}'})")
-        elif name == "vllm":
-            systems.append(Vllm(targets, max(tokens), args.slots, dev, peers))
-        elif name == "sglang":
-            systems.append(Sglang(targets, args.slots, args.rank, peers))
-
-    rows, checks = [], {}
-    print(f"{'tokens':>6} {'adapters':>8} {'base ms':>9} " + " ".join(f"{s.name:>9}" for s in systems[1:])
-          + f" {'bytes limit':>11}   (columns: fraction of base throughput kept)")
-    for T in tokens:
-        gen = torch.Generator(device=dev).manual_seed(T)
-        ids = torch.randint(0, cfg.vocab, (T,), device=dev, generator=gen)
-        pos = torch.full((T,), args.context, dtype=torch.long, device=dev)
-        base_ms = None
-        for D in [1] + [d for d in adapters if 1 < d <= T]:
-            tok = token_slots(T, D, args.slots, dev)
-            limit, adapter_bytes = bytes_limit(cfg, T, D, args.rank, args.context, not args.linear_only, args.lm_head)
-            row = {"tokens": T, "adapters": D, "bytes_limit": limit}
-            for sysm in systems:
-                if sysm.name == "base" and base_ms is not None:
-                    continue
-                model.set_lora(None if sysm.name == "base" else sysm.wrap, lm_head=args.lm_head)
-                sysm.prepare(tok, D)
-                if sysm.name != "base":
-                    err = check(model, sysm, targets, tok)
-                    checks[f"{sysm.name} T={T} D={D}"] = err
-                    if not err < TOL[dtype]:
-                        raise SystemExit(f"FAIL: {sysm.name} T={T} D={D}: error {err:.2e} >= {TOL[dtype]:.0e}")
-                step = DecodeGraph(model, T, graph=graph)
-                step.ids.copy_(ids)
-                step.pos.copy_(pos)
-                ms = common.percentiles(common.time_fn(step.run, iters=iters, warmup=0 if args.smoke else 10,
-                                                       device=dev))
-                del step
-                if sysm.name == "base":
-                    base_ms = ms
-                    continue
-                row[sysm.name] = {"ms": ms, "kept": base_ms["median"] / ms["median"]}
-            row["base"] = {"ms": base_ms}
-            rows.append(row)
-            print(f"{T:>6} {D:>8} {base_ms['median']:>9.3f} " + " ".join(
-                f"{row[s.name]['kept']:>9.3f}" for s in systems[1:]) + f" {limit:>11.3f}", flush=True)
+        try:
+            if name == "loraplex":
+                systems.append(Loraplex(targets, max(tokens), args.slots, args.rank, dev))
+            elif name in ("vllm", "sglang") and not avail[name]:
+                print(f"# {name}: skipped ({'no GPU' if dev.type != 'cuda' else f'not fetched into {peers}'})")
+            elif name == "vllm":
+                systems.append(Vllm(targets, max(tokens), args.slots, dev, peers))
+            elif name == "sglang":
+                systems.append(Sglang(targets, args.slots, args.rank, peers))
+        except Exception as e:  # noqa: BLE001 - a peer that does not import must not cost our figure
+            errors[f"{name} setup"] = f"{type(e).__name__}: {e}"
+            print(f"# {name}: FAILED to set up: {errors[f'{name} setup']}", flush=True)
     names = [s.name for s in systems[1:]]
-    print(f"# reference check (max error / max |ref|, tolerance {TOL[dtype]:.0e}): worst "
-          + ", ".join(f"{n} {max(v for k, v in checks.items() if k.startswith(n + ' ')):.1e}" for n in names))
-    if args.smoke:
-        print("# --smoke: one eager pass on the CPU; the numbers above are not timing results")
-    result = {"env": env, "config": {**cfg.__dict__, "dtype": str(dtype), "rank": args.rank, "slots": args.slots,
-                                     "context": None if args.linear_only else args.context,
-                                     "linear_only": args.linear_only, "lm_head": args.lm_head, "graph": graph,
-                                     "iters": iters, "smoke": args.smoke, "adapter_bytes": adapter_bytes},
-              "systems": names, "checks": checks, "rows": rows,
-              "figure": "kept = base median step time / LoRA median step time (higher is better, 1.0 = free)"}
+    out = None
     if args.out or not args.smoke:
         out = Path(args.out) if args.out else common.out_dir()
         tag = "smoke" if args.smoke else common.gpu_name().replace(" ", "_")
         stem = f"step_{tag}{'_linear' if args.linear_only else ''}"
+    rows, checks = [], {}
+    result = {"env": env, "config": {**cfg.__dict__, "dtype": str(dtype), "rank": args.rank, "slots": args.slots,
+                                     "context": None if args.linear_only else args.context,
+                                     "linear_only": args.linear_only, "lm_head": args.lm_head, "graph": graph,
+                                     "iters": iters, "smoke": args.smoke,
+                                     "adapter_bytes": bytes_limit(cfg, 1, 1, args.rank, args.context,
+                                                                  not args.linear_only, args.lm_head)[1]},
+              "systems": names, "checks": checks, "errors": errors, "rows": rows,
+              "figure": "kept = base median step time / LoRA median step time (higher is better, 1.0 = free)"}
+
+    def timed(T, ids, pos):
+        step = DecodeGraph(model, T, graph=graph)
+        step.ids.copy_(ids)
+        step.pos.copy_(pos)
+        ms = common.percentiles(common.time_fn(step.run, iters=iters, warmup=0 if args.smoke else 10, device=dev))
+        del step
+        return ms
+
+    print(f"{'tokens':>6} {'adapters':>8} {'base ms':>9} " + " ".join(f"{n:>9}" for n in names)
+          + f" {'bytes limit':>11}   (columns: fraction of base throughput kept)", flush=True)
+    configs = [(T, D) for T in tokens for D in [1] + [d for d in adapters if 1 < d <= T]]
+    base_ms = {}
+    for i, (T, D) in enumerate(configs):
+        if common.time_left() < 20:
+            result["truncated"] = f"deadline: {len(configs) - i} of {len(configs)} (tokens, adapters) not run"
+            print(f"# {result['truncated']}", flush=True)
+            break
+        gen = torch.Generator(device=dev).manual_seed(T)
+        ids = torch.randint(0, cfg.vocab, (T,), device=dev, generator=gen)
+        pos = torch.full((T,), args.context, dtype=torch.long, device=dev)
+        if T not in base_ms:
+            model.set_lora(None)
+            base_ms[T] = timed(T, ids, pos)
+        tok = token_slots(T, D, args.slots, dev)
+        limit, _ = bytes_limit(cfg, T, D, args.rank, args.context, not args.linear_only, args.lm_head)
+        row = {"tokens": T, "adapters": D, "bytes_limit": limit, "base": {"ms": base_ms[T]}}
+        for sysm in systems[1:]:
+            key = f"{sysm.name} T={T} D={D}"
+            try:
+                model.set_lora(sysm.wrap, lm_head=args.lm_head)
+                sysm.prepare(tok, D)
+                err = check(model, sysm, targets, tok)
+                checks[key] = err
+                if not err < TOL[dtype]:  # recorded and not timed; the other systems still run
+                    errors[key] = f"check: error {err:.2e} >= {TOL[dtype]:.0e}"
+                    print(f"# FAIL: {key}: {errors[key]}", flush=True)
+                    continue
+                ms = timed(T, ids, pos)
+                row[sysm.name] = {"ms": ms, "kept": base_ms[T]["median"] / ms["median"]}
+            except Exception as e:  # noqa: BLE001 - recorded in the JSON; the sweep goes on
+                errors[key] = f"{type(e).__name__}: {e}"
+                print(f"# FAIL: {key}: {errors[key][:400]}", flush=True)
+        rows.append(row)
+        print(f"{T:>6} {D:>8} {base_ms[T]['median']:>9.3f} " + " ".join(
+            f"{row[n]['kept']:>9.3f}" if n in row else f"{'FAIL':>9}" for n in names) + f" {limit:>11.3f}", flush=True)
+        if out is not None:  # after every row: a stage killed at its time limit keeps what it measured
+            common.write_json(out / f"{stem}.json", result)
+    print(f"# reference check (max error / max |ref|, tolerance {TOL[dtype]:.0e}): worst "
+          + ", ".join(f"{n} {max((v for k, v in checks.items() if k.startswith(n + ' ')), default=float('nan')):.1e}"
+                      for n in names))
+    if args.smoke:
+        print("# --smoke: one eager pass on the CPU; the numbers above are not timing results")
+    if out is not None:
         common.write_json(out / f"{stem}.json", result)
         plot(result, out / f"{stem}.png", env)
         print(f"# wrote {out / stem}.json and .png")
+    if errors:
+        print(f"# {len(errors)} failure(s): " + "; ".join(f"{k}: {v[:200]}" for k, v in errors.items()))
+        raise SystemExit(1)
     return result
 
 
@@ -343,7 +370,7 @@ def plot(result, path, env):
     width = 0.8 / (len(names) + 1)
     xs = range(len(rows))
     for i, n in enumerate(names):
-        ax.bar([x + i * width for x in xs], [r[n]["kept"] for r in rows], width, label=n)
+        ax.bar([x + i * width for x in xs], [r[n]["kept"] if n in r else 0.0 for r in rows], width, label=n)
     ax.bar([x + len(names) * width for x in xs], [r["bytes_limit"] for r in rows], width, label="bytes limit",
            color="lightgray", edgecolor="gray")
     ax.set_xticks([x + width * len(names) / 2 for x in xs])
