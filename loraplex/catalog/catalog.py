@@ -9,13 +9,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..errors import AdapterChanged, AdapterNotFound, CatalogError, InvalidAdapter, InvalidAdapterName
+from ..errors import CatalogError, InvalidAdapter, InvalidAdapterName
+from .base import CatalogBase
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
-from .names import check_name
 from .peft import parse_config_bytes
 from .store import LocalStore, StoredAdapter
-from .weights import read_tensors
 
 log = logging.getLogger("loraplex.catalog")
 
@@ -24,11 +23,12 @@ def _is_url(root) -> bool:
     return isinstance(root, str) and "://" in root and not root.startswith("file://")
 
 
-class Catalog:
+class Catalog(CatalogBase):
     """Adapters found under `root`: a directory or an fsspec URL (s3://bucket/prefix, gs://, http...).
 
     Listing reads only adapter_config.json and stats the weight file; weights are read on demand by
-    load_tensors(). Invalid adapters are skipped with a warning and listed in invalid().
+    load_tensors() / load_adapter() / files() (see CatalogBase). Invalid adapters are skipped with a
+    warning and listed in invalid().
     """
 
     catalog_type = "storage"
@@ -54,52 +54,7 @@ class Catalog:
         self._listeners: list[Callable[[CatalogDiff], None]] = []
         self.refresh()
 
-    # ---- lookup -------------------------------------------------------------------------------
-    def __len__(self):
-        return len(self._entries)
-
-    def __contains__(self, name):
-        return name in self._entries
-
-    def __iter__(self):
-        return iter(self.names())
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def entries(self) -> list[AdapterEntry]:
-        return [self._entries[n] for n in self.names()]
-
-    def invalid(self) -> dict[str, str]:
-        """name -> reason, for every directory that is not a servable adapter."""
-        return dict(self._invalid)
-
-    def get(self, name: str) -> AdapterEntry:
-        entry = self._entries.get(name)
-        if entry is not None:
-            return entry
-        check_name(name)
-        reason = self._invalid.get(name)
-        if reason is not None:
-            raise InvalidAdapter(name, reason)
-        raise AdapterNotFound(name, self.root)
-
-    __getitem__ = get
-
-    def get_adapter_id(self, name: str) -> int:
-        return self.get(name).id
-
-    def get_adapter_name(self, adapter_id: int) -> str:
-        name = self._by_id.get(adapter_id)
-        if name is None:
-            raise AdapterNotFound(f"#{adapter_id}", self.root)
-        return name
-
     # ---- keeping current ------------------------------------------------------------------------
-    def subscribe(self, listener: Callable[[CatalogDiff], None]) -> None:
-        """Call listener(diff) after every refresh that changed something (caches drop stale keys)."""
-        self._listeners.append(listener)
-
     def refresh(self, names=None) -> CatalogDiff:
         """Re-list storage; re-read only the configs of adapters whose version changed.
 
@@ -117,11 +72,7 @@ class Catalog:
             if paused:
                 gc.enable()
         if diff:
-            for listener in list(self._listeners):
-                try:
-                    listener(diff)
-                except Exception:  # noqa: BLE001 - one bad listener must not stop the catalog
-                    log.exception("catalog listener failed")
+            self._notify(diff)
         return diff
 
     def _refresh(self, names) -> CatalogDiff:
@@ -204,47 +155,9 @@ class Catalog:
         return Watcher(self, callback, interval, events=events and not getattr(self._store, "remote", False),
                        rescan=rescan)
 
-    # ---- reading --------------------------------------------------------------------------------
-    def local_path(self, name: str) -> str:
-        """A local directory with the adapter's files (remote adapters are downloaded first)."""
-        entry = self.get(name)
-        return self._store.materialize(self._items[name], entry.version)
-
-    def load_tensors(self, name: str, entry: AdapterEntry | None = None):
-        """{PEFT key: tensor} of the adapter, validated against its config. Raises AdapterChanged if
-        the files changed under the read (call refresh() and retry), never returns a torn mix."""
-        return self.load_adapter(name, entry)[2]
-
-    def load_adapter(self, name: str, entry: AdapterEntry | None = None):
-        """(entry, layout, tensors) for one consistent version of the adapter.
-
-        With an `entry` held from earlier, raises AdapterChanged once that version is gone, never
-        returning another version's weights under the old entry."""
-        entry = entry or self.get(name)
-        if entry.name != name:
-            raise ValueError(f"entry of LoRA adapter '{entry.name}' used to load '{name}'")
-        with self._lock:
-            item = self._items.get(name)
-        if item is None or item.version != entry.version:
-            raise AdapterChanged(name, entry.version, item.version if item else None)
-        local = self._store.materialize(item, entry.version)
-        if not getattr(self._store, "remote", False):
-            # Re-stat before opening: files swapped since the scan (e.g. for a symlink out of the root)
-            # are a change, and are never opened. Materialized remote copies are immutable.
-            self._check_version(name, entry, item, local)
-        wpath = os.path.join(local, os.path.basename(item.weights_path))
-        try:
-            layout, tensors = read_tensors(name, wpath, item.weight_format, entry.spec)
-        except InvalidAdapter:
-            self._check_version(name, entry, item, local)  # deleted or replaced under the read: a change
-            raise
-        self._check_version(name, entry, item, local)
-        return entry, layout, tensors
-
-    def _check_version(self, name, entry, item, local) -> None:
-        now = self._store.current_version(item, local)
-        if now != entry.version:
-            raise AdapterChanged(name, entry.version, now)
+    def _held(self, name: str):
+        item = self._items.get(name)
+        return None if item is None else (self._store, item)
 
     def __repr__(self):
         return f"Catalog({self.root!r}, {len(self._entries)} adapters, {len(self._invalid)} invalid)"

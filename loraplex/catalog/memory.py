@@ -8,13 +8,13 @@ import os
 import threading
 from dataclasses import replace
 
-from ..errors import AdapterChanged, AdapterNotFound, CatalogError, InvalidAdapter, StorageError
+from ..errors import AdapterNotFound, CatalogError, InvalidAdapter, StorageError
+from .base import CatalogBase
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .names import check_name
 from .peft import parse_config_bytes
 from .store import StoredAdapter, read_config_file, stat_adapter_dir
-from .weights import read_tensors
 
 log = logging.getLogger("loraplex.catalog")
 
@@ -22,6 +22,8 @@ log = logging.getLogger("loraplex.catalog")
 class _DirStore:
     """The files of one registered directory. The path is the operator's choice, so symlinks in it
     are followed wherever they lead (a Hugging Face cache snapshot links into ../../blobs)."""
+
+    remote = False
 
     def __init__(self, name: str, path: str):
         self.name = name
@@ -38,6 +40,9 @@ class _DirStore:
     def read_config(self, item: StoredAdapter) -> bytes:
         return read_config_file(self.name, item.config_path, None)
 
+    def materialize(self, item: StoredAdapter, version: str) -> str:
+        return self.path
+
     def current_version(self, item: StoredAdapter, local_dir: str) -> str | None:
         try:
             return self.stat().version
@@ -45,7 +50,7 @@ class _DirStore:
             return None
 
 
-class MemoryCatalog:
+class MemoryCatalog(CatalogBase):
     """Adapters added with register(name, path) and removed with unregister(name)."""
 
     catalog_type = "memory"
@@ -113,58 +118,7 @@ class MemoryCatalog:
             if e.id != by_name[n]:
                 self._entries[n] = replace(e, id=by_name[n])
 
-    def _notify(self, diff: CatalogDiff) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(diff)
-            except Exception:  # noqa: BLE001 - one bad listener must not stop the catalog
-                log.exception("catalog listener failed")
-
-    # ---- lookup (as Catalog) --------------------------------------------------------------------
-    def __len__(self):
-        return len(self._entries)
-
-    def __contains__(self, name):
-        return name in self._entries
-
-    def __iter__(self):
-        return iter(self.names())
-
-    def names(self):
-        return sorted(self._entries)
-
-    def entries(self):
-        return [self._entries[n] for n in self.names()]
-
-    def invalid(self):
-        """name -> reason, for registered adapters whose files became unservable (see refresh)."""
-        return dict(self._invalid)
-
-    def get(self, name):
-        entry = self._entries.get(name)
-        if entry is not None:
-            return entry
-        check_name(name)
-        reason = self._invalid.get(name)
-        if reason is not None:
-            raise InvalidAdapter(name, reason)
-        raise AdapterNotFound(name, self.root)
-
-    __getitem__ = get
-
-    def get_adapter_id(self, name):
-        return self.get(name).id
-
-    def get_adapter_name(self, adapter_id):
-        name = self._by_id.get(adapter_id)
-        if name is None:
-            raise AdapterNotFound(f"#{adapter_id}", self.root)
-        return name
-
     # ---- keeping current ------------------------------------------------------------------------
-    def subscribe(self, listener):
-        self._listeners.append(listener)
-
     def refresh(self) -> CatalogDiff:
         """Re-stat every registered directory: a changed one is re-read (changed); one whose files
         are gone or invalid now leaves the entries (removed) and shows in invalid(), and comes back
@@ -201,39 +155,8 @@ class MemoryCatalog:
 
         return Watcher(self, callback, interval, events=False)
 
-    # ---- reading --------------------------------------------------------------------------------
-    def local_path(self, name):
-        return self.get(name).path
-
-    def load_tensors(self, name, entry=None):
-        return self.load_adapter(name, entry)[2]
-
-    def load_adapter(self, name, entry=None):
-        """(entry, layout, tensors); AdapterChanged if `entry` is no longer the registered version."""
-        entry = entry or self.get(name)
-        if entry.name != name:
-            raise ValueError(f"entry of LoRA adapter '{entry.name}' used to load '{name}'")
-        with self._lock:
-            held = self._items.get(name)
-        if held is None:
-            raise AdapterChanged(name, entry.version, None)
-        store, item = held
-        if item.version != entry.version:
-            raise AdapterChanged(name, entry.version, item.version)
-        self._check_version(store, entry, item)
-        try:
-            layout, tensors = read_tensors(name, item.weights_path, item.weight_format, entry.spec)
-        except InvalidAdapter:
-            self._check_version(store, entry, item)
-            raise
-        self._check_version(store, entry, item)
-        return entry, layout, tensors
-
-    @staticmethod
-    def _check_version(store, entry, item) -> None:
-        now = store.current_version(item, entry.path)
-        if now != entry.version:
-            raise AdapterChanged(entry.name, entry.version, now)
+    def _held(self, name: str):
+        return self._items.get(name)
 
     def __repr__(self):
         return f"MemoryCatalog({len(self._entries)} adapters)"

@@ -8,8 +8,6 @@ caller that only trusts what it copied before a clean close() never keeps a torn
 
 from __future__ import annotations
 
-import os
-
 from ..errors import AdapterChanged, InvalidAdapter
 from .entry import AdapterEntry
 from .weights import SafetensorsFile, layout, read_tensors
@@ -99,35 +97,8 @@ def open_adapter(catalog, name: str, entry: AdapterEntry | None = None) -> Adapt
     Raises AdapterChanged if the catalog's view is already stale (refresh and retry), InvalidAdapter
     for unreadable or inconsistent files, AdapterNotFound / InvalidAdapter from the catalog lookup.
     """
-    entry = entry or catalog.get(name)
-    if entry.name != name:
-        raise ValueError(f"entry of LoRA adapter '{entry.name}' used to open '{name}'")
-    with catalog._lock:
-        held = catalog._items.get(name)
-    if held is None:
-        raise AdapterChanged(name, entry.version, None)
-    if isinstance(held, tuple):  # MemoryCatalog: (store, item), files in place
-        store, item = held
-        local = entry.path
-        wpath = item.weights_path
-    else:
-        store, item = catalog._store, held
-        if item.version != entry.version:
-            raise AdapterChanged(name, entry.version, item.version)
-        local = store.materialize(item, entry.version)
-        wpath = os.path.join(local, os.path.basename(item.weights_path))
-    if item.version != entry.version:
-        raise AdapterChanged(name, entry.version, item.version)
-    def version_now():
-        return store.current_version(item, local)
-
-    if not getattr(store, "remote", False):
-        # files swapped since the scan (a symlink pointed out of the root, say) are a change: never opened;
-        # materialized remote copies are immutable
-        now = version_now()
-        if now != entry.version:
-            raise AdapterChanged(name, entry.version, now)
-    return AdapterReader(name, entry, wpath, item.weight_format, version_now)
+    files = catalog.files(name, entry)
+    return AdapterReader(name, files.entry, files.weights_path, files.weight_format, files.version_now)
 
 
 __all__ = ["AdapterReader", "open_adapter"]

@@ -1,0 +1,141 @@
+"""What the storage Catalog and the MemoryCatalog share: lookup by name and by id, change listeners,
+and reads of one consistent version of an adapter's files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ..errors import AdapterChanged, AdapterNotFound, InvalidAdapter
+from .entry import AdapterEntry, CatalogDiff
+from .names import check_name
+from .weights import read_tensors
+
+log = logging.getLogger("loraplex.catalog")
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """The local files of one version of an adapter, checked unchanged since it was listed."""
+
+    entry: AdapterEntry
+    weights_path: str
+    weight_format: str
+    local_dir: str
+    _store: object
+    _item: object
+
+    def version_now(self):
+        """The version on storage now (None if gone)."""
+        return self._store.current_version(self._item, self.local_dir)
+
+    def check(self) -> None:
+        """Raise AdapterChanged if the files are no longer this entry's version."""
+        now = self.version_now()
+        if now != self.entry.version:
+            raise AdapterChanged(self.entry.name, self.entry.version, now)
+
+
+class CatalogBase:
+    """Subclasses hold, under self._lock: _entries {name: AdapterEntry}, _invalid {name: reason},
+    _by_id {id: name} (replaced whole, so lookups need no lock), _listeners; and implement
+    _held(name) -> (store, item) for the version they listed (None if none)."""
+
+    root: str
+
+    # ---- lookup ---------------------------------------------------------------------------------
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[AdapterEntry]:
+        return [self._entries[n] for n in self.names()]
+
+    def invalid(self) -> dict[str, str]:
+        """name -> reason, for every adapter that cannot be served."""
+        return dict(self._invalid)
+
+    def get(self, name: str) -> AdapterEntry:
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        check_name(name)
+        reason = self._invalid.get(name)
+        if reason is not None:
+            raise InvalidAdapter(name, reason)
+        raise AdapterNotFound(name, self.root)
+
+    __getitem__ = get
+
+    def get_adapter_id(self, name: str) -> int:
+        return self.get(name).id
+
+    def get_adapter_name(self, adapter_id: int) -> str:
+        name = self._by_id.get(adapter_id)
+        if name is None:
+            raise AdapterNotFound(f"#{adapter_id}", self.root)
+        return name
+
+    # ---- change listeners -----------------------------------------------------------------------
+    def subscribe(self, listener) -> None:
+        """Call listener(diff) after every change (caches drop stale keys)."""
+        self._listeners.append(listener)
+
+    def _notify(self, diff: CatalogDiff) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(diff)
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the catalog
+                log.exception("catalog listener failed")
+
+    # ---- reading --------------------------------------------------------------------------------
+    def local_path(self, name: str) -> str:
+        """A local directory with the adapter's files (remote adapters are downloaded first)."""
+        entry = self.get(name)
+        store, item = self._held(name)
+        return store.materialize(item, entry.version)
+
+    def files(self, name: str, entry: AdapterEntry | None = None) -> AdapterFiles:
+        """The local files of `entry` (default: the current one). Raises AdapterChanged once that
+        version is gone: a held entry never gets another version's weights."""
+        entry = entry or self.get(name)
+        if entry.name != name:
+            raise ValueError(f"entry of LoRA adapter '{entry.name}' used to read '{name}'")
+        with self._lock:
+            held = self._held(name)
+        if held is None or held[1].version != entry.version:
+            raise AdapterChanged(name, entry.version, held[1].version if held else None)
+        store, item = held
+        local = store.materialize(item, entry.version)
+        files = AdapterFiles(entry, os.path.join(local, os.path.basename(item.weights_path)), item.weight_format,
+                             local, store, item)
+        if not getattr(store, "remote", False):
+            # Re-stat before opening: files swapped since the listing (e.g. for a symlink out of the root)
+            # are a change, and are never opened. Materialized remote copies are immutable.
+            files.check()
+        return files
+
+    def load_tensors(self, name: str, entry: AdapterEntry | None = None):
+        """{PEFT key: tensor} of the adapter, validated against its config. Raises AdapterChanged if
+        the files changed under the read (call refresh() and retry), never returns a torn mix."""
+        return self.load_adapter(name, entry)[2]
+
+    def load_adapter(self, name: str, entry: AdapterEntry | None = None):
+        """(entry, layout, tensors) for one consistent version of the adapter."""
+        files = self.files(name, entry)
+        try:
+            layout, tensors = read_tensors(name, files.weights_path, files.weight_format, files.entry.spec)
+        except InvalidAdapter:
+            files.check()  # deleted or replaced under the read: a change, not corruption
+            raise
+        files.check()
+        return files.entry, layout, tensors
