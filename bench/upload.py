@@ -19,7 +19,6 @@ Before timing, the uploaded slot is checked against the adapter's own safetensor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,67 +26,47 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from loraplex import Catalog, Runtime, RuntimeConfig  # noqa: E402
+from loraplex import (  # noqa: E402
+    Catalog,
+    Runtime,
+    RuntimeConfig,
+    toy,  # noqa: E402
+)
 from loraplex.catalog.reader import open_adapter  # noqa: E402
-from loraplex.runtime import SliceSpec  # noqa: E402
 from loraplex.runtime.slab import Slab, pack  # noqa: E402
+from loraplex.runtime.targets import linear_shapes, llama_targets  # noqa: E402
 from loraplex.runtime.upload import Uploader  # noqa: E402
 
 GPU = dict(layers=32, hidden=4096, kv=1024, inter=14336, rank=16, adapters=6, repeats=5)
 CPU = dict(layers=4, hidden=1024, kv=256, inter=3584, rank=16, adapters=4, repeats=9)
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 H2D_CEILING_GBPS = 55.0  # measured on the H200 (ENVIRONMENT.md); this run measures its own too
 
 
-def module_shapes(s) -> dict:
-    h, kv, inter = s["hidden"], s["kv"], s["inter"]
-    io = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
-          "up_proj": (h, inter), "down_proj": (inter, h)}
-    out = {}
-    for i in range(s["layers"]):
-        for m in MODULES:
-            part = "self_attn" if m in MODULES[:4] else "mlp"
-            out[f"model.layers.{i}.{part}.{m}"] = io[m]
-    return out
+def targets(s):
+    return llama_targets(s["layers"], s["hidden"], s["kv"], s["inter"])
 
 
 def write_adapters(root: Path, s, n: int) -> list[str]:
     """n adapters in PEFT's file format (bf16, rank s['rank'] on every linear module)."""
     r, names = s["rank"], []
-    shapes = module_shapes(s)
+    shapes = linear_shapes(targets(s))
     for k in range(n):
-        d = root / f"adapter{k}"
-        d.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(k)
-        tensors = {}
-        for mod, (i, o) in shapes.items():
-            tensors[f"base_model.model.{mod}.lora_A.weight"] = (torch.randn(r, i, generator=g) / i ** 0.5).bfloat16()
-            tensors[f"base_model.model.{mod}.lora_B.weight"] = (torch.randn(o, r, generator=g) * 0.1).bfloat16()
-        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        fd = os.open(d / "adapter_model.safetensors", os.O_RDONLY)
+        d = toy.write_adapter(root / f"adapter{k}", shapes, r=r, alpha=2 * r, seed=k, dtype="bfloat16", b_std=0.1)
+        fd = os.open(os.path.join(d, "adapter_model.safetensors"), os.O_RDONLY)
         os.fsync(fd)  # written back, so POSIX_FADV_DONTNEED can really drop it from the page cache
         os.close(fd)
-        (d / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(MODULES), "bias": "none"}))
-        names.append(d.name)
+        names.append(os.path.basename(d))
     return names
 
 
 def add_targets(rt, s) -> None:
-    h, kv, inter = s["hidden"], s["kv"], s["inter"]
-    for i in range(s["layers"]):
-        p = f"model.layers.{i}"
-        rt.new_target(f"{p}.qkv", [SliceSpec(f"{p}.self_attn.q_proj", h, h), SliceSpec(f"{p}.self_attn.k_proj", h, kv),
-                                   SliceSpec(f"{p}.self_attn.v_proj", h, kv)])
-        rt.new_target(f"{p}.o", [SliceSpec(f"{p}.self_attn.o_proj", h, h)])
-        rt.new_target(f"{p}.gate_up", [SliceSpec(f"{p}.mlp.gate_proj", h, inter),
-                                       SliceSpec(f"{p}.mlp.up_proj", h, inter)])
-        rt.new_target(f"{p}.down", [SliceSpec(f"{p}.mlp.down_proj", inter, h)])
+    for name, slices, kind in targets(s):
+        rt.new_target(name, slices, kind)
 
 
 def drop_page_cache(path) -> None:

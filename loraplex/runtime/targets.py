@@ -84,3 +84,32 @@ class LoraTarget:
 
     def __repr__(self):
         return f"LoraTarget({self.name!r}, {self.kind}, slices={[s.peft_module for s in self.slices]})"
+
+
+def llama_targets(layers: int, hidden: int, kv_out: int, intermediate: int, *, q_out: int | None = None,
+                  vocab: int | None = None, embed: bool = False, lm_head: bool = False):
+    """[(name, slices, kind)] of a Llama-family decoder's LoRA sites as loraplex stacks them: q/k/v and
+    gate/up merged (one launch per group), o and down single, optionally embed_tokens and lm_head.
+    Module paths are PEFT's, so adapters trained on the HF model map onto them."""
+    q_out = q_out or hidden
+    out = []
+    if embed:
+        out.append(("embed_tokens", [SliceSpec("model.embed_tokens", vocab, hidden)], "embedding"))
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out.append((f"{p}.qkv", [SliceSpec(f"{p}.self_attn.q_proj", hidden, q_out),
+                                 SliceSpec(f"{p}.self_attn.k_proj", hidden, kv_out),
+                                 SliceSpec(f"{p}.self_attn.v_proj", hidden, kv_out)], "linear"))
+        out.append((f"{p}.o", [SliceSpec(f"{p}.self_attn.o_proj", q_out, hidden)], "linear"))
+        out.append((f"{p}.gate_up", [SliceSpec(f"{p}.mlp.gate_proj", hidden, intermediate),
+                                     SliceSpec(f"{p}.mlp.up_proj", hidden, intermediate)], "linear"))
+        out.append((f"{p}.down", [SliceSpec(f"{p}.mlp.down_proj", intermediate, hidden)], "linear"))
+    if lm_head:
+        out.append(("lm_head", [SliceSpec("lm_head", hidden, vocab)], "linear"))
+    return out
+
+
+def linear_shapes(targets) -> dict:
+    """{PEFT module path: (in_features, out_features)} of the linear slices of llama_targets(...)."""
+    return {s.peft_module: (s.in_features, s.out_features) for _, slices, kind in targets if kind == "linear"
+            for s in slices}

@@ -10,28 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loraplex.runtime import SliceSpec
+from loraplex.runtime.targets import llama_targets
 
 HIDDEN, KV, INTER, VOCAB, LAYERS = 64, 32, 128, 256, 2
 
 
 def llama_target_specs(layers=LAYERS, embed=True, lm_head=True):
     """(name, slices, kind) of every module the tiny Llama wraps, stacked as the layers do (qkv, gate_up)."""
-    out = []
-    if embed:
-        out.append(("embed_tokens", [SliceSpec("model.embed_tokens", VOCAB, HIDDEN)], "embedding"))
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        out.append((f"{p}.qkv", [SliceSpec(f"{p}.self_attn.q_proj", HIDDEN, HIDDEN),
-                                 SliceSpec(f"{p}.self_attn.k_proj", HIDDEN, KV),
-                                 SliceSpec(f"{p}.self_attn.v_proj", HIDDEN, KV)], "linear"))
-        out.append((f"{p}.o", [SliceSpec(f"{p}.self_attn.o_proj", HIDDEN, HIDDEN)], "linear"))
-        out.append((f"{p}.gate_up", [SliceSpec(f"{p}.mlp.gate_proj", HIDDEN, INTER),
-                                     SliceSpec(f"{p}.mlp.up_proj", HIDDEN, INTER)], "linear"))
-        out.append((f"{p}.down", [SliceSpec(f"{p}.mlp.down_proj", INTER, HIDDEN)], "linear"))
-    if lm_head:
-        out.append(("lm_head", [SliceSpec("lm_head", HIDDEN, VOCAB)], "linear"))
-    return out
+    return llama_targets(layers, HIDDEN, KV, INTER, vocab=VOCAB, embed=embed, lm_head=lm_head)
 
 
 def add_llama_targets(rt, **kw):
@@ -141,21 +127,3 @@ def check_plan(rt, plan, refs: dict, targets=None, atol=1e-4, rtol=1e-4, seed=0,
                                        msg=lambda m, t=t, i=i, slot=slot: f"{t.name} token {i} slot {slot}: {m}")
             rows += 1
     return rows
-
-
-def write_peft_adapter(d, modules: dict, r: int, seed: int, dtype=torch.bfloat16, alpha=None):
-    """An adapter in PEFT's file format written directly (no model needed): modules {path: (in, out)}."""
-    import json
-
-    os.makedirs(d, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for mod, (i, o) in modules.items():
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = (torch.randn(r, i, generator=g) / i ** 0.5).to(dtype)
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = (torch.randn(o, r, generator=g) * 0.1).to(dtype)
-    save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
-    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    with open(os.path.join(d, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha or 2 * r, "target_modules": targets,
-                   "bias": "none"}, f)
-    return d

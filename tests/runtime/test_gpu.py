@@ -6,41 +6,29 @@ import time
 import pytest
 import torch
 
-from loraplex import Catalog
+from loraplex import Catalog, toy
+from loraplex.runtime.targets import linear_shapes, llama_targets
 
-from .helpers import Reference, SliceSpec, check_plan, reference_delta, write_peft_adapter
+from .helpers import Reference, check_plan, reference_delta
 
 pytestmark = pytest.mark.gpu
 
 H, KV, INTER, LAYERS, R = 2048, 512, 5632, 8, 16
 
 
-def _modules():
-    out = {}
-    for i in range(LAYERS):
-        for m, io in (("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (H, KV)), ("self_attn.v_proj", (H, KV)),
-                      ("self_attn.o_proj", (H, H)), ("mlp.gate_proj", (H, INTER)), ("mlp.up_proj", (H, INTER)),
-                      ("mlp.down_proj", (INTER, H))):
-            out[f"model.layers.{i}.{m}"] = io
-    return out
+BIG = llama_targets(LAYERS, H, KV, INTER)
 
 
 def _big_targets(rt):
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        rt.new_target(f"{p}.qkv", [SliceSpec(f"{p}.self_attn.q_proj", H, H), SliceSpec(f"{p}.self_attn.k_proj", H, KV),
-                                   SliceSpec(f"{p}.self_attn.v_proj", H, KV)])
-        rt.new_target(f"{p}.o", [SliceSpec(f"{p}.self_attn.o_proj", H, H)])
-        rt.new_target(f"{p}.gate_up", [SliceSpec(f"{p}.mlp.gate_proj", H, INTER),
-                                       SliceSpec(f"{p}.mlp.up_proj", H, INTER)])
-        rt.new_target(f"{p}.down", [SliceSpec(f"{p}.mlp.down_proj", INTER, H)])
+    for name, slices, kind in BIG:
+        rt.new_target(name, slices, kind)
 
 
 @pytest.fixture(scope="module")
 def big_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("big")
     for k in range(3):
-        write_peft_adapter(root / f"big{k}", _modules(), R, seed=k)
+        toy.write_adapter(root / f"big{k}", linear_shapes(BIG), r=R, alpha=2 * R, seed=k, dtype="bfloat16", b_std=0.1)
     return root
 
 
