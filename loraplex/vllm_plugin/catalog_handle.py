@@ -13,8 +13,9 @@ import os
 import threading
 import time
 
-from ..catalog import Catalog
+from ..catalog import Catalog, open_catalog
 from ..catalog.names import check_name
+from ..config import CatalogConfig
 from ..errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -39,7 +40,7 @@ class CatalogHandle:
     def catalog(self) -> Catalog:
         with self._lock:
             if self._catalog is None:
-                self._catalog = Catalog(self.url)
+                self._catalog = open_catalog(CatalogConfig(catalog_type="storage", catalog_path=self.url))
                 self._last_refresh = time.monotonic()
                 for fn in self._listeners:
                     self._catalog.subscribe(fn)
@@ -64,25 +65,28 @@ class CatalogHandle:
             self._last_refresh = now
         return catalog.refresh()
 
-    def lookup(self, name):
-        """The AdapterEntry for `name`, refreshing once if it is unknown; None if the name is unsafe,
-        unknown or invalid (vLLM then answers 404)."""
+    def get(self, name):
+        """The AdapterEntry for `name`, refreshing once if it is unknown. Raises InvalidAdapterName,
+        AdapterNotFound or InvalidAdapter."""
+        check_name(name)  # before opening or re-listing anything for an unsafe name
+        catalog = self.catalog
         try:
-            check_name(name)
+            return catalog.get(name)
+        except AdapterNotFound:
+            if self.refresh() is None:
+                raise
+        return catalog.get(name)
+
+    def lookup(self, name):
+        """get(name), or None if the name is unsafe, unknown or invalid (vLLM then answers 404)."""
+        try:
+            return self.get(name)
         except InvalidAdapterName as e:
             log.debug("loraplex: refusing adapter name %r: %s", name, e.reason)
-            return None
-        catalog = self.catalog
-        for attempt in (0, 1):
-            try:
-                return catalog.get(name)
-            except AdapterNotFound:
-                if attempt == 0 and self.refresh() is not None:
-                    continue
-                return None
-            except InvalidAdapter as e:
-                log.warning("loraplex: %s", e)
-                return None
+        except AdapterNotFound:
+            pass
+        except InvalidAdapter as e:
+            log.warning("loraplex: %s", e)
         return None
 
     def names(self, refresh: bool = True) -> list[str]:

@@ -22,6 +22,7 @@ from ..runtime.plan import PlanBuffers
 
 _DEFAULT_MAX_LORAS = 8
 _DEFAULT_MAX_RANK = 16
+_MAX_SLICES = 3  # qkv
 
 
 def _capturing() -> bool:
@@ -59,64 +60,82 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         self.token_mapping_meta = None
         cap = _round_up(max(max_num_batched_tokens, max_batches, 1))
         dev = torch.device(device)
-        i32 = dict(dtype=torch.int32, device=dev)
-        # Two plans per step: per token (linear, embedding layers) and per sampled row (logits).
-        self._token_bufs = PlanBuffers(cap, self.max_loras, dev)
-        self._sample_bufs = PlanBuffers(cap, self.max_loras, dev)
-        # Per-row slots in int32, -1 beyond the mapping: padded rows (CUDA-graph sizes) stay untouched.
-        self._token_slots = torch.full((cap,), -1, **i32)
-        self._sample_slots = torch.full((cap,), -1, **i32)
-        self._filled = {"token": 0, "sample": 0}
+        # A host bound on the kernels' grid is only safe when no CUDA graph replays it with other batches.
+        self._host_grid = dev.type != "cuda"
+        # Two plans per step: per token (linear, embedding layers) and per sampled row (logits). The
+        # rows' slots live in the buffers' own token_slots, so build() copies nothing in.
+        self._bufs = {"token": PlanBuffers(cap, self.max_loras, dev),
+                      "sample": PlanBuffers(cap, self.max_loras, dev)}
+        self._adapters = {"token": 0, "sample": 0}  # distinct adapters in the rows (counted on the host)
         # Real rank per slot, so kernels skip the zero padding up to max_lora_rank. The worker
         # manager fills adapter_ranks (lora id -> rank); unknown ids get max_rank, which is always
-        # correct because vLLM zero-pads the stacked weights.
+        # correct because vLLM zero-pads the stacked weights. Uploaded only when it changes.
         self.adapter_ranks: dict[int, int] = {}
-        self._slot_ranks = torch.full((self.max_loras,), self.max_rank, **i32)
-        self._clamped_ranks: dict[int, torch.Tensor] = {}
-        self._any = {"token": False, "sample": False}
-        self._active = {"token": None, "sample": None}
-        self._plans = {"token": self._token_bufs.build(self._token_slots[:0]),
-                       "sample": self._sample_bufs.build(self._sample_slots[:0])}
+        self._host_ranks: list[int] | None = None
+        self._slot_ranks = torch.full((self.max_loras,), self.max_rank, dtype=torch.int32, device=dev)
+        self._clamped_ranks: dict[int, torch.Tensor] = {}  # R -> min(slot rank, R), refreshed with them
+        # fp32 shrink output shared by the layers of a step (they run one after another).
+        self._scratch = torch.empty(_MAX_SLICES * cap * self.max_rank, dtype=torch.float32, device=dev)
+        self._plans = {kind: bufs.build(bufs.token_slots[:0]) for kind, bufs in self._bufs.items()}
 
     # ---- per-step metadata --------------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         # vLLM's own index tensors (the embedding layer and classification heads read them).
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
+        self._set_slot_ranks(lora_index_to_id)
+        self._set_rows("token", self.token_lora_indices, mapping.index_mapping)
+        self._set_rows("sample", self.sampler_indices, mapping.prompt_mapping)
+        self._plans["token"] = self._build("token", self._mapped("token"))
+        if mapping.prompt_mapping == mapping.index_mapping:
+            # One sampled row per token (decode): the per-token plan serves the logits too.
+            self._plans["sample"] = self._plans["token"]
+        else:
+            self._plans["sample"] = self._build("sample", self._mapped("sample"))
+
+    def _set_slot_ranks(self, lora_index_to_id):
         ranks = [0 if i is None else min(self.adapter_ranks.get(i, self.max_rank), self.max_rank)
                  for i in list(lora_index_to_id)[: self.max_loras]]
         ranks += [0] * (self.max_loras - len(ranks))
-        self._slot_ranks.copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
-        self._clamped_ranks.clear()
-        self._set_rows("token", self._token_slots, self.token_lora_indices, mapping.index_mapping)
-        self._set_rows("sample", self._sample_slots, self.sampler_indices, mapping.prompt_mapping)
+        if ranks == self._host_ranks:
+            return
+        self._host_ranks = ranks
+        self._slot_ranks.copy_(torch.tensor(ranks, dtype=torch.int32))
+        for R, clamped in self._clamped_ranks.items():
+            torch.clamp(self._slot_ranks, max=R, out=clamped)
 
-    def _set_rows(self, kind, slots, indices, host_ids):
+    def _set_rows(self, kind, indices, host_ids):
+        slots = self._bufs[kind].token_slots
         n = indices.shape[0]
         if n > slots.shape[0]:
             raise LaunchError(f"{n} rows in the LoRA mapping but the wrapper holds {slots.shape[0]}")
         slots[:n].copy_(indices)
-        if self._filled[kind] > n:
-            slots[n:self._filled[kind]].fill_(-1)
-        self._filled[kind] = n
-        distinct = {i for i in host_ids if i > 0}  # the mapping is on the host: no device sync
-        self._any[kind] = bool(distinct)
-        # A host bound on the grid is only safe when no CUDA graph replays it with other batches.
-        self._active[kind] = len(distinct) if slots.device.type != "cuda" else None
-        self._plans[kind] = self._build(kind, n)
+        distinct = set(host_ids)  # the mapping is on the host: no device sync
+        self._adapters[kind] = len(distinct) - (0 in distinct)  # lora id 0: no adapter
 
-    def _build(self, kind, n):
-        bufs, slots = ((self._token_bufs, self._token_slots) if kind == "token"
-                       else (self._sample_bufs, self._sample_slots))
-        if n > slots.shape[0]:
-            raise LaunchError(f"a LoRA layer got {n} rows but the wrapper holds {slots.shape[0]}")
-        return bufs.build(slots[:n], self._slot_ranks, self._active[kind])
+    def _mapped(self, kind) -> int:
+        """Rows in this step's mapping (vLLM's indices_len: tokens, then sampled rows)."""
+        return self.indices_len[0 if kind == "token" else 1] or 0
+
+    def _build(self, kind, rows):
+        """Plan `kind` for `rows` rows. Rows past the mapping (padding up to a captured batch size)
+        get slot -1, so they stay untouched."""
+        bufs = self._bufs[kind]
+        if rows > bufs.max_tokens:
+            raise LaunchError(f"a LoRA layer got {rows} rows but the wrapper holds {bufs.max_tokens}")
+        n = self._mapped(kind)
+        if rows > n:
+            bufs.token_slots[n:rows].fill_(-1)
+        max_active = self._adapters[kind] if self._host_grid else None
+        return bufs.build(bufs.token_slots[:rows], self._slot_ranks, max_active)
 
     def _plan(self, kind, rows):
-        """The plan for a call with `rows` rows. Rows past the mapping (padding up to a captured
-        batch size) have slot -1; a different row count rebuilds the plan with device ops only."""
+        """The plan for a call with `rows` rows; another row count than the mapping's rebuilds it
+        with device ops only."""
         plan = self._plans[kind]
         if plan.num_tokens != rows:
+            if kind == "token" and self._plans["sample"] is plan:
+                self._plans["sample"] = self._build("sample", self._mapped("sample"))  # stop sharing
             plan = self._plans[kind] = self._build(kind, rows)
         return plan
 
@@ -131,7 +150,14 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
 
     def _skip(self, kind) -> bool:
         # No adapter in the batch: nothing to add (a CUDA graph being captured must hold the kernels).
-        return not self._any[kind] and not _capturing()
+        return not self._adapters[kind] and not _capturing()
+
+    def _shrink_out(self, n_slices, rows, R, device):
+        """[n_slices, rows, R] fp32 for a shrink: a view of the scratch when it fits."""
+        need = n_slices * rows * R
+        if need <= self._scratch.numel() and device == self._scratch.device:
+            return self._scratch[:need].view(n_slices, rows, R)
+        return torch.empty(n_slices, rows, R, dtype=torch.float32, device=device)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _expand(self, h, B, plan, y, add, ranks):
@@ -196,19 +222,18 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
             return y
         A = [_slots_view(a) for a in lora_a_stacked]
         B = [_slots_view(b) for b in lora_b_stacked]
-        width = sum(b.shape[1] for b in B)
-        if list(output_slices) != [b.shape[1] for b in B]:
-            raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths "
-                              f"{[b.shape[1] for b in B]}")
+        widths = [b.shape[1] for b in B]
+        if list(output_slices) != widths:
+            raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths {widths}")
         x2 = x2.to(A[0].dtype)
-        target = y2[:, :width]
+        target = y2[:, :sum(widths)]
         plan = self._plan("token", x2.shape[0])
         ranks = self._ranks(A[0].shape[1])
+        h = self._shrink_out(len(A), x2.shape[0], A[0].shape[1], x2.device)
         add = self._add_flag(kwargs.get("add_inputs", True), kwargs)
         if add and target.dtype == A[0].dtype and B[0].dtype == A[0].dtype:
-            ops.add_lora_linear(target, x2, A, B, plan, ranks, None, scale)
+            ops.add_lora_linear(target, x2, A, B, plan, ranks, h, scale)
         else:
-            h = torch.empty(len(A), x2.shape[0], A[0].shape[1], dtype=torch.float32, device=x2.device)
             ops.sgmv_shrink(x2, A, plan, h, scale, ranks)
             self._expand(h, B, plan, target, add, ranks)
         return y
@@ -238,7 +263,7 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         x2 = x2.to(A.dtype)
         plan = self._plan("sample", x2.shape[0])
         ranks = self._ranks(A.shape[1])
-        h = torch.empty(1, x2.shape[0], A.shape[1], dtype=torch.float32, device=x2.device)
+        h = self._shrink_out(1, x2.shape[0], A.shape[1], x2.device)
         ops.sgmv_shrink(x2, [A], plan, h, scale, ranks)
         # Vocab padding beyond the adapter's rows gets nothing, as in vLLM.
         self._expand(h, [B], plan, y2[:, :V], True, ranks)

@@ -90,9 +90,9 @@ def lora_request(name: str) -> LoRARequest:
 
         raise ConfigError("no catalog: set LORAPLEX_CATALOG to a directory or URL")
     resolver = _resolver if _resolver is not None and _resolver.handle is handle else CatalogLoRAResolver(handle)
+    handle.get(name)  # raises the precise error (not found, invalid, unsafe name)
     req = resolver.resolve(name)
-    if req is None:
-        handle.catalog.get(name)  # raises the precise error (not found, invalid, unsafe name)
+    if req is None:  # found, but its files could not be fetched (logged)
         from ..errors import AdapterNotFound
 
         raise AdapterNotFound(name, handle.url)

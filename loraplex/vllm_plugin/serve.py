@@ -83,10 +83,10 @@ def serve_main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if config.catalog_type == "storage" and not ("-h" in argv or "--help" in argv):
-        from ..catalog import Catalog
+        from ..catalog import open_catalog
 
         try:
-            catalog = Catalog(config.catalog_path)  # fail before vLLM spends a minute starting
+            catalog = open_catalog(config)  # fail before vLLM spends a minute starting
         except LoraplexError as e:
             print(f"{PROG}: error: cannot open the adapter catalog: {e}", file=sys.stderr)
             return 2

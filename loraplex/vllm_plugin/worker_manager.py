@@ -24,15 +24,16 @@ import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-from ..errors import AdapterNotFound, ConfigError
+from ..config import RuntimeConfig
+from ..errors import ConfigError
 from .catalog_handle import get_handle
 from .host_cache import HostAdapterCache
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
-ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default 2 GiB)
+ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default: RuntimeConfig's, 2 GiB)
 ENV_HOST_ENTRIES = "LORAPLEX_HOST_CACHE_ENTRIES"  # optional cap on cached adapters
-ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default 4)
+ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default: RuntimeConfig's, 4)
 
 
 def _tensors(lora_model):
@@ -75,12 +76,13 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._catalog = get_handle()
+        defaults = RuntimeConfig()
         max_entries = os.environ.get(ENV_HOST_ENTRIES)
         self._host = HostAdapterCache(
             self._load_packed, model_bytes,
-            max_bytes=int(os.environ.get(ENV_HOST_BYTES, 2 << 30)),
-            max_entries=int(max_entries) if max_entries else None,
-            workers=int(os.environ.get(ENV_WORKERS, 4)),
+            max_bytes=int(os.environ.get(ENV_HOST_BYTES, defaults.host_cache_bytes)),
+            max_entries=int(max_entries) if max_entries else defaults.max_cpu_loras,
+            workers=int(os.environ.get(ENV_WORKERS, defaults.load_workers)),
         )
         self._names: dict[int, str] = {}  # lora id -> name, from the requests this worker saw
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
@@ -192,10 +194,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _request_for(self, name: str) -> LoRARequest:
         handle = self._require_catalog()
-        entry = handle.lookup(name)
-        if entry is None:
-            handle.catalog.get(name)  # raises the precise error (unsafe name, invalid adapter)
-            raise AdapterNotFound(name, handle.url)
+        entry = handle.get(name)  # raises AdapterNotFound, InvalidAdapterName, InvalidAdapter
         return LoRARequest(lora_name=name, lora_int_id=entry.id, lora_path=handle.catalog.local_path(name))
 
     def _on_catalog_change(self, diff) -> None:

@@ -257,3 +257,59 @@ def test_shrink_expand_accept_tuples_and_the_misspelled_flag(lora_config, backen
             for i in range(2):
                 ref[t, 4 + i * N: 4 + (i + 1) * N] += 0.5 * x[t] @ A[i][s, 0].t() @ B[i][s, 0].t()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def _lora_delta(x, A, B, lids, ranks=None):
+    """Per row: x[t] @ A[s, :r]^T @ B[s, :, :r]^T for the row's adapter (s its slot), else zero."""
+    out = torch.zeros(x.shape[0], B.shape[2])
+    for t, lid in enumerate(lids):
+        if lid:
+            s = IDS.index(lid)
+            r = MAX_RANK if ranks is None else ranks[lid]
+            out[t] = x[t] @ A[s, 0, :r].t() @ B[s, 0, :, :r].t()
+    return out
+
+
+def test_decode_step_shares_one_plan_and_padding_splits_it(lora_config, backend):
+    """One sampled row per token (decode): the logits reuse the per-token plan. A layer that sees
+    padded rows rebuilds the per-token plan; the logits must still get the mapping's rows."""
+    from loraplex.runtime.plan import PlanBuffers
+
+    decode = (22, 0, 11, 33, 11)
+    w = _wrapper(lora_config, tokens=decode, samples=decode)
+    assert w.sample_plan is w.token_plan
+    gen = torch.Generator().manual_seed(9)
+    K, N, V = 16, 12, 20
+    A = _rand(MAX_LORAS, 1, MAX_RANK, K, gen=gen)
+    B = _rand(MAX_LORAS, 1, N, MAX_RANK, gen=gen)
+    x = _rand(len(decode) + 3, K, scale=1.0, gen=gen)  # 3 rows of padding (a captured batch size)
+    y = torch.zeros(x.shape[0], N)
+    w.add_lora_linear(y, x, (A,), (B,), 1.0, (N,))
+    torch.testing.assert_close(y, _lora_delta(x, A, B, decode + (0, 0, 0)), rtol=1e-5, atol=1e-5)
+    assert w.sample_plan is not w.token_plan and w.sample_plan.num_tokens == len(decode)
+    fresh = PlanBuffers(len(decode), MAX_LORAS).build(w.sample_plan.token_slots.clone())
+    for field in ("token_slots", "sorted_token_ids", "slot_start", "slot_count", "num_active"):
+        assert torch.equal(getattr(w.sample_plan, field), getattr(fresh, field)), field
+
+    Bv = _rand(MAX_LORAS, 1, V, MAX_RANK, gen=gen)
+    h = x[: len(decode)]
+    logits = torch.zeros(len(decode), V)
+    w.add_lora_logits(logits, h, A, Bv, 1.0)
+    torch.testing.assert_close(logits, _lora_delta(h, A, Bv, decode), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_changes_reach_the_kernels(lora_config, backend):
+    """Ranks are uploaded when they change, also to the clamped copies sharded layers use."""
+    w = _wrapper(lora_config)
+    gen = torch.Generator().manual_seed(10)
+    K, N, R = 16, 12, MAX_RANK // 2  # a layer whose stacked rank is below max_lora_rank
+    A = _rand(MAX_LORAS, 1, R, K, gen=gen)
+    B = _rand(MAX_LORAS, 1, N, R, gen=gen)
+    x = _rand(len(TOKENS), K, scale=1.0, gen=gen)
+    for ranks in ({i: R for i in IDS}, {11: 1, 22: 2, 33: 3}, {11: 3, 22: 8, 33: 5}):
+        w.adapter_ranks = ranks
+        _remap(w, TOKENS)
+        y = torch.zeros(len(TOKENS), N)
+        w.add_lora_linear(y, x, (A,), (B,), 1.0, (N,))
+        clamped = {i: min(r, R) for i, r in ranks.items()}
+        torch.testing.assert_close(y, _lora_delta(x, A, B, TOKENS, clamped), rtol=1e-5, atol=1e-5)
