@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .common import dot_precision, grid_dim, plan_tensors, require_launchable, upcast
+from .common import dot_precision, grid_dim, plan_tensors, require_launchable, segment_slot, segment_tokens, upcast
 from .config import get as get_config
 
 
@@ -29,18 +29,13 @@ def _lora_embedding_kernel(
     pid_a = tl.program_id(2)
     if pid_a >= tl.load(num_active_ptr):
         return
-    slot = tl.load(active_ptr + pid_a)
-    count = tl.load(slot_count_ptr + slot)
-    m0 = pid_m * BLOCK_M
+    slot, count, m0 = segment_slot(pid_a, pid_m, active_ptr, slot_count_ptr, BLOCK_M)
     if m0 >= count:
         return
     rank = tl.load(ranks_ptr + slot)
     if rank == 0:
         return
-    start = tl.load(slot_start_ptr + slot)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m, tok = segment_tokens(slot, count, m0, sorted_ids_ptr, slot_start_ptr, BLOCK_M)
     ids = tl.load(ids_ptr + tok, mask=mask_m, other=0).to(tl.int64)
     ok_m = mask_m & (ids >= 0) & (ids < V)  # out-of-vocabulary ids gather zeros: they add nothing
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

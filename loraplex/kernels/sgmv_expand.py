@@ -12,7 +12,16 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .common import dot_precision, grid_dim, pick_slice, plan_tensors, require_launchable, upcast
+from .common import (
+    dot_precision,
+    grid_dim,
+    pick_slice,
+    plan_tensors,
+    require_launchable,
+    segment_slot,
+    segment_tokens,
+    upcast,
+)
 from .config import get as get_config
 
 
@@ -30,9 +39,7 @@ def _sgmv_expand_kernel(
     pid_a = tl.program_id(2)
     if pid_a >= tl.load(num_active_ptr):
         return
-    slot = tl.load(active_ptr + pid_a)
-    count = tl.load(slot_count_ptr + slot)
-    m0 = pid_m * BLOCK_M
+    slot, count, m0 = segment_slot(pid_a, pid_m, active_ptr, slot_count_ptr, BLOCK_M)
     if m0 >= count:
         return
     rank = tl.load(ranks_ptr + slot)
@@ -60,10 +67,7 @@ def _sgmv_expand_kernel(
                 N = N2
     b_ptr = pick_slice(sid, b0_ptr, b1_ptr, b2_ptr, NUM_SLICES)
 
-    start = tl.load(slot_start_ptr + slot)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m, tok = segment_tokens(slot, count, m0, sorted_ids_ptr, slot_start_ptr, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)

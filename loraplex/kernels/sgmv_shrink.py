@@ -10,7 +10,17 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .common import dot_precision, grid_dim, pick_slice, plan_tensors, require_launchable, upcast
+from .common import (
+    dot_precision,
+    dot_x_at,
+    grid_dim,
+    pick_slice,
+    plan_tensors,
+    require_launchable,
+    segment_slot,
+    segment_tokens,
+    upcast,
+)
 from .config import get as get_config
 
 
@@ -28,43 +38,20 @@ def _sgmv_shrink_kernel(
     pid_a = tl.program_id(2)
     if pid_a >= tl.load(num_active_ptr):
         return
-    slot = tl.load(active_ptr + pid_a)
-    count = tl.load(slot_count_ptr + slot)
-    m0 = pid_m * BLOCK_M
+    slot, count, m0 = segment_slot(pid_a, pid_m, active_ptr, slot_count_ptr, BLOCK_M)
     if m0 >= count:
         return
     n_rb = tl.cdiv(R, BLOCK_R)
     sid = pid_rs // n_rb
     r0 = (pid_rs % n_rb) * BLOCK_R
     rank = tl.load(ranks_ptr + slot)
-    start = tl.load(slot_start_ptr + slot)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    # rows past the segment read token 0 (always valid memory) and are masked only at the store
-    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m, tok = segment_tokens(slot, count, m0, sorted_ids_ptr, slot_start_ptr, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if r0 < rank:  # a rank block wholly in the padding only stores its zeros
         mask_r = offs_r < rank  # never read the padding: its contents are not trusted
         a_ptr = pick_slice(sid, a0_ptr, a1_ptr, a2_ptr, NUM_SLICES)
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-        a_ptrs = a_ptr + slot.to(tl.int64) * R * K + offs_r[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                xt = tl.load(x_ptrs)
-                at = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
-            else:
-                k_left = K - k * BLOCK_K
-                xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                at = tl.load(a_ptrs, mask=mask_r[None, :] & (offs_k[:, None] < k_left), other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
-            x_ptrs += BLOCK_K
-            a_ptrs += BLOCK_K
+        acc = dot_x_at(acc, x_ptr, stride_xm, tok, a_ptr, slot, offs_r, mask_r, K, R, BLOCK_K, EVEN_K, UPCAST, DOT_PREC)
         acc = acc * scale
     out_ptrs = out_ptr + sid * stride_os + tok[:, None] * stride_om + offs_r[None, :]
     tl.store(out_ptrs, acc, mask=mask_m[:, None] & (offs_r[None, :] < R))
