@@ -152,6 +152,8 @@ class HostCache:
                 if self.arena is None:
                     return True, None
                 off = self.arena.alloc(nbytes)
+                if off is None and self._compact():
+                    off = self.arena.alloc(nbytes)
                 if off is not None:
                     return True, off
             cands = [k for k in self._entries if not self._leases.get(k) and not self._is_pinned(k)]
@@ -160,6 +162,30 @@ class HostCache:
             stale = [k for k in cands if self._entries[k].stale]
             victim = stale[0] if stale else self.policy.victim(cands)
             self._remove(victim, evicted=True)
+
+    def _compact(self) -> bool:
+        """Slide every entry no upload holds toward the start of the arena, so the free bytes become
+        one range. Without it, a pinned entry (never evicted) in the middle of the arena can leave the
+        bytes free but split, and an adapter the budget has room for would be refused. Moves are a
+        host memcpy, far cheaper than evicting and reading from storage again. Returns True if
+        anything moved."""
+        moved = False
+        buf = self.arena.buffer
+        movable = sorted((e.offset, k) for k, e in self._entries.items()
+                         if e.offset is not None and not self._leases.get(k))
+        for old, key in movable:
+            e = self._entries[key]
+            self.arena.free(old, e.nbytes)
+            new = self.arena.alloc(e.nbytes)  # first fit: at or below `old`, whose range was just freed
+            if new != old:
+                n = self.arena.rounded(e.nbytes)
+                src = buf[old:old + n]
+                buf[new:new + n].copy_(src.clone() if new + n > old else src)  # ranges may overlap
+                slab = e.slab
+                slab.buffer = self.arena.view(new, slab.buffer.numel(), slab.buffer.dtype)
+                e.offset = new
+                moved = True
+        return moved
 
     def buffer_for(self, res: Reservation, numel: int, dtype, pin: bool):
         """The memory a load packs its slab into: the reserved arena range, or a fresh allocation."""

@@ -156,3 +156,34 @@ def test_host_cache_in_an_arena_evicts_for_a_contiguous_range():
     c.cancel(big)
     c.unlease(keys[2])
     assert arena.free_bytes() == 4 * ALIGN - c.used_bytes
+
+
+def test_arena_compacts_around_a_pinned_entry():
+    """A pinned entry in the middle of the arena splits the free bytes: the cache slides it to the start
+    (its bytes intact) instead of refusing an adapter that the budget has room for."""
+    import torch
+
+    from loraplex.runtime.arena import ALIGN, HostArena
+
+    arena = HostArena(4 * ALIGN, pin=False)
+    pinned = set()
+    c = HostCache(4 * ALIGN, None, LRUPolicy(), arena=arena, is_pinned=lambda k: k in pinned)
+
+    def put(name, nbytes, fill):
+        key = (name, "v1")
+        res = c.reserve(key, nbytes)
+        buf = c.buffer_for(res, nbytes, torch.uint8, False)
+        buf.fill_(fill)
+        c.commit(res, SimpleNamespace(key=key, buffer=buf))
+        return key
+
+    a = put("a", ALIGN, 1)
+    b = put("b", ALIGN, 2)
+    pinned.add(b)
+    assert c._entries[b].offset == ALIGN  # free bytes: [0, ALIGN) once a goes, and [2 ALIGN, 4 ALIGN)
+    big = c.reserve(("big", "v1"), 3 * ALIGN)
+    assert c.keys() == [b] and c._entries[b].offset == 0 and big.offset == ALIGN
+    assert bool((c.peek(b).buffer == 2).all()) and c.peek(b).buffer.data_ptr() == arena.buffer.data_ptr()
+    assert a not in c
+    c.cancel(big)
+    assert arena.free_bytes() == 3 * ALIGN

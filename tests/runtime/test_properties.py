@@ -18,6 +18,9 @@ from .helpers import Reference, add_llama_targets, check_plan, write_weights
 
 NAMES = [f"a{i:02d}" for i in range(8)]
 EXAMPLES = int(os.environ.get("LORAPLEX_PROP_EXAMPLES", "50"))  # CI: 50; a longer hunt: 300+
+# CI replays the same examples every run; LORAPLEX_PROP_RANDOM=1 draws new ones (how the arena
+# fragmentation bug behind test_arena_compacts_around_a_pinned_entry was found)
+RANDOM = os.environ.get("LORAPLEX_PROP_RANDOM") == "1"
 
 op = st.one_of(
     st.tuples(st.just("plan"), st.lists(st.sampled_from([*NAMES, None]), min_size=1, max_size=4), st.booleans()),
@@ -66,7 +69,8 @@ def sizes(many_source):
     return out
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=5, max_size=25), max_loras=st.integers(2, 4), budget_slabs=st.integers(2, 5),
        cap=st.sampled_from([None, 2, 3]))
 def test_random_streams(many_source, sizes, ops, max_loras, budget_slabs, cap):
