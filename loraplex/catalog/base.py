@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from ..errors import AdapterChanged, AdapterNotFound, InvalidAdapter
 from .entry import AdapterEntry, CatalogDiff
 from .names import check_name
+from .peft import MAX_CONFIG_BYTES
+from .store import CONFIG_FILE
 from .weights import read_tensors
 
 log = logging.getLogger("loraplex.catalog")
@@ -35,6 +37,21 @@ class AdapterFiles:
         now = self.version_now()
         if now != self.entry.version:
             raise AdapterChanged(self.entry.name, self.entry.version, now)
+
+
+def read_config_dict(name: str, path: str) -> dict:
+    """The adapter's config file as a dict (the catalog parsed and checked it when it listed it)."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidAdapter(name, f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(name, f"{CONFIG_FILE} is not a JSON object of at most {MAX_CONFIG_BYTES} bytes")
+    return data
 
 
 class CatalogBase:
@@ -131,11 +148,24 @@ class CatalogBase:
 
     def load_adapter(self, name: str, entry: AdapterEntry | None = None):
         """(entry, layout, tensors) for one consistent version of the adapter."""
+        entry, _, layout, tensors = self._read(name, entry, with_config=False)
+        return entry, layout, tensors
+
+    def load_peft(self, name: str, entry: AdapterEntry | None = None):
+        """(entry, config dict, tensors) of one consistent version: what a loader that builds its own
+        model (vLLM's LoRAModel) needs, with the weights already checked (shapes, NaN/inf)."""
+        entry, config, _, tensors = self._read(name, entry, with_config=True)
+        return entry, config, tensors
+
+    def _read(self, name, entry, with_config: bool):
         files = self.files(name, entry)
+        config = None
         try:
+            if with_config:
+                config = read_config_dict(name, os.path.join(files.local_dir, CONFIG_FILE))
             layout, tensors = read_tensors(name, files.weights_path, files.weight_format, files.entry.spec)
-        except InvalidAdapter:
+        except (InvalidAdapter, OSError):
             files.check()  # deleted or replaced under the read: a change, not corruption
             raise
         files.check()
-        return files.entry, layout, tensors
+        return files.entry, config, layout, tensors

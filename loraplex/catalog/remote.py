@@ -119,6 +119,34 @@ class RemoteStore:
         self._prefetch_configs(items.values())
         return items, invalid
 
+    def scan_names(self, names) -> tuple[dict[str, RemoteAdapter], dict[str, str]]:
+        """scan(), limited to these adapters: one listing of each one's prefix instead of the whole
+        catalog (a request for a name published a moment ago). A name that is gone appears in neither."""
+        items, invalid = {}, {}
+        for name in names:
+            try:
+                check_name(name)
+            except InvalidAdapterName as e:
+                invalid[name] = e.reason
+                continue
+            prefix = f"{self._base}/{name}"
+            try:
+                listing = self.fs.find(prefix, withdirs=True, detail=True)
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - each backend raises its own types
+                raise StorageError(name, f"cannot list {self.root}/{name}: {_why(e)}") from None
+            files = {path.rstrip("/").rsplit("/", 1)[-1]: info for path, info in listing.items()
+                     if path.rstrip("/").startswith(prefix + "/") and info.get("type") == "file"
+                     and "/" not in path.rstrip("/")[len(prefix) + 1:]}
+            if not files and not listing:
+                continue
+            try:
+                items[name] = self._item(name, files)
+            except (InvalidAdapter, InvalidAdapterName) as e:
+                invalid[name] = e.reason
+        return items, invalid
+
     def _prefetch_configs(self, items) -> None:
         """Fetch the configs read_config() is about to ask for (those not cached) in one concurrent
         batch, so a cold start over thousands of adapters is not one GET after another. Only configs

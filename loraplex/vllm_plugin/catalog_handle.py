@@ -1,9 +1,17 @@
-"""One Catalog per process for LORAPLEX_CATALOG, opened on first use and refreshed on demand.
+"""One Catalog per process for LORAPLEX_CATALOG, opened on first use, kept current per name.
 
 The plugin runs in every vLLM process but only some of them need the catalog (the API server to
 resolve names, workers to load weights); opening it lazily keeps the others from scanning storage.
-Refreshes triggered by requests (an unknown name, a /v1/models listing) are rate-limited, so a flood
-of requests for names that do not exist cannot turn into a flood of storage scans.
+
+Lookups look at storage for the one name asked about, not the whole catalog:
+- an unknown name is looked up on storage at once (a stat for a directory; one prefix listing for
+  an object store, at most once per LORAPLEX_REFRESH_INTERVAL per name), so an adapter published a
+  moment ago is found by its first request, whatever else was published or mistyped meanwhile;
+- `fresh(name)` re-stats a known local adapter (about 25 µs), so a request never gets a version the
+  directory no longer holds. Object stores are re-listed by LORAPLEX_CATALOG_WATCH instead.
+- Adapters whose weights turned out unservable (NaN, truncated file, rank too large...) are
+  remembered per version: they are refused at once with the reason and not listed, until their
+  files change.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from ..errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName
 log = logging.getLogger("loraplex.vllm_plugin")
 
 ENV_CATALOG = "LORAPLEX_CATALOG"
-ENV_REFRESH = "LORAPLEX_REFRESH_INTERVAL"  # seconds between on-demand refreshes (default 1)
+ENV_REFRESH = "LORAPLEX_REFRESH_INTERVAL"  # seconds between storage lookups of one unknown remote name
 
 
 class CatalogHandle:
@@ -33,6 +41,8 @@ class CatalogHandle:
         self._lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._last_refresh = 0.0
+        self._last_lookup: dict[str, float] = {}  # remote: name -> when storage was last asked for it
+        self._unservable: dict[tuple[str, object], str] = {}  # (name, version) -> why its weights fail
         self._listeners = []
         self._watcher = None
 
@@ -47,6 +57,10 @@ class CatalogHandle:
                 log.info("loraplex: catalog %s opened with %d adapters", self.url, len(self._catalog))
             return self._catalog
 
+    @property
+    def remote(self) -> bool:
+        return "://" in self.url
+
     def subscribe(self, listener) -> None:
         """listener(CatalogDiff) after every refresh that changed something."""
         with self._lock:
@@ -55,7 +69,7 @@ class CatalogHandle:
                 self._catalog.subscribe(listener)
 
     def refresh(self, force: bool = False):
-        """Re-list storage unless that was done less than min_refresh_interval ago (or force).
+        """Re-list all of storage unless that was done less than min_refresh_interval ago (or force).
         Returns the CatalogDiff, or None when skipped."""
         catalog = self.catalog
         now = time.monotonic()
@@ -65,17 +79,49 @@ class CatalogHandle:
             self._last_refresh = now
         return catalog.refresh()
 
+    def _look_up(self, name: str) -> None:
+        """Ask storage about this one name (remote: rate-limited per name)."""
+        if self.remote:
+            now = time.monotonic()
+            with self._lock:
+                if now - self._last_lookup.get(name, -1e9) < self.min_refresh_interval:
+                    return
+                if len(self._last_lookup) > 10_000:  # a flood of random names must not grow this forever
+                    self._last_lookup.clear()
+                self._last_lookup[name] = now
+        self.catalog.refresh([name])
+
     def get(self, name):
-        """The AdapterEntry for `name`, refreshing once if it is unknown. Raises InvalidAdapterName,
-        AdapterNotFound or InvalidAdapter."""
-        check_name(name)  # before opening or re-listing anything for an unsafe name
+        """The AdapterEntry for `name`, asking storage for it if it is unknown here. Raises
+        InvalidAdapterName, AdapterNotFound or InvalidAdapter (bad config, or weights known bad)."""
+        check_name(name)  # before opening or looking up anything for an unsafe name
         catalog = self.catalog
         try:
-            return catalog.get(name)
+            entry = catalog.get(name)
         except AdapterNotFound:
-            if self.refresh() is None:
-                raise
-        return catalog.get(name)
+            self._look_up(name)
+            entry = catalog.get(name)
+        return self._servable(entry)
+
+    def fresh(self, name):
+        """get(name), after checking a local adapter's files for a newer version."""
+        check_name(name)
+        if not self.remote:
+            self.catalog.refresh([name])
+        return self.get(name)
+
+    def _servable(self, entry):
+        reason = self._unservable.get((entry.name, entry.version))
+        if reason is not None:
+            raise InvalidAdapter(entry.name, reason)
+        return entry
+
+    def mark_unservable(self, entry, reason: str) -> None:
+        """Remember that this version's weights cannot be served (until its files change)."""
+        with self._lock:
+            if len(self._unservable) > 10_000:
+                self._unservable.clear()
+            self._unservable[(entry.name, entry.version)] = reason
 
     def lookup(self, name):
         """get(name), or None if the name is unsafe, unknown or invalid (vLLM then answers 404)."""
@@ -90,9 +136,12 @@ class CatalogHandle:
         return None
 
     def names(self, refresh: bool = True) -> list[str]:
+        """Servable adapter names: valid configs, minus versions whose weights failed."""
         if refresh:
             self.refresh()
-        return self.catalog.names()
+        if not self._unservable:
+            return self.catalog.names()
+        return [e.name for e in self.catalog.entries() if (e.name, e.version) not in self._unservable]
 
     def start_watch(self, interval: float) -> None:
         """Refresh in the background (filesystem events where available, else polling)."""

@@ -2,9 +2,12 @@
 
 vLLM's OpenAI server asks every registered resolver for a model name it does not know (with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=1). We answer with a LoRARequest for the catalog adapter of that
-name: its absolute local directory (remote adapters are downloaded first, off the event loop) and the
-catalog's deterministic id, so every API server replica gives the same adapter the same id. Unknown,
-invalid and unsafe names ('../x', 'a/b', '.hidden') give None, which vLLM turns into a 404.
+name: its local directory with its version (identity.py; remote adapters are downloaded first, off
+the event loop) and the catalog's deterministic id, so every API server replica gives the same
+adapter the same id. Before a version is handed out its weights are read once and checked (NaN,
+shapes, truncation): an unservable adapter is refused with its reason instead of reaching the
+engine. Unknown, invalid and unsafe names ('../x', 'a/b', '.hidden') give None, which vLLM turns
+into a 404.
 """
 
 from __future__ import annotations
@@ -15,37 +18,59 @@ import logging
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
+from ..errors import AdapterChanged, AdapterNotFound, CatalogError, InvalidAdapter, StorageError
 from .catalog_handle import CatalogHandle, get_handle
+from .identity import catalog_path
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
 RESOLVER_NAME = "loraplex"
 
 
-def make_request(entry, path: str, load_inplace: bool = False) -> LoRARequest:
-    return LoRARequest(lora_name=entry.name, lora_int_id=entry.id, lora_path=path, load_inplace=load_inplace)
+def make_request(entry, local_dir: str) -> LoRARequest:
+    return LoRARequest(lora_name=entry.name, lora_int_id=entry.id, lora_path=catalog_path(local_dir, entry.version))
 
 
 class CatalogLoRAResolver(LoRAResolver):
     def __init__(self, handle: CatalogHandle):
         self.handle = handle
-        # name -> version we last handed out: a different version means the files changed, and the
-        # engine must reload the adapter in place (same id, new weights).
-        self.versions: dict[str, str] = {}
+        self._checked: set[tuple[str, object]] = set()  # (name, version) whose weights passed the check
+
+    def resolve_checked(self, lora_name: str) -> LoRARequest:
+        """The LoRARequest for the current version of `lora_name` (blocking I/O). Raises
+        AdapterNotFound / InvalidAdapterName, or InvalidAdapter with the reason it cannot be served."""
+        entry = self.handle.fresh(lora_name)
+        for _ in range(3):  # a version replaced while we read it: take the new one
+            try:
+                local = self.handle.catalog.local_path(lora_name)
+                self._check_weights(entry)
+                return make_request(entry, local)
+            except AdapterChanged:
+                entry = self.handle.fresh(lora_name)
+        raise StorageError(lora_name, "the adapter kept changing while it was read; try again")
+
+    def _check_weights(self, entry) -> None:
+        key = (entry.name, entry.version)
+        if key in self._checked:
+            return
+        try:
+            self.handle.catalog.load_tensors(entry.name, entry)
+        except InvalidAdapter as e:
+            self.handle.mark_unservable(entry, e.reason)
+            raise
+        if len(self._checked) > 100_000:
+            self._checked.clear()
+        self._checked.add(key)
 
     def resolve(self, lora_name: str) -> LoRARequest | None:
-        """Synchronous resolution (blocking I/O): the LoRARequest for `lora_name`, or None."""
-        entry = self.handle.lookup(lora_name)
-        if entry is None:
-            return None
+        """vLLM's resolver contract: the LoRARequest for `lora_name`, or None (logged once)."""
         try:
-            path = self.handle.catalog.local_path(lora_name)
-        except Exception as e:  # noqa: BLE001 - storage errors become "not servable", logged
-            log.warning("loraplex: could not fetch adapter '%s': %s", lora_name, e)
+            return self.resolve_checked(lora_name)
+        except AdapterNotFound:
             return None
-        previous = self.versions.get(lora_name)
-        self.versions[lora_name] = entry.version
-        return make_request(entry, path, load_inplace=previous is not None and previous != entry.version)
+        except CatalogError as e:  # invalid name or adapter, storage errors
+            log.warning("loraplex: %s", e)
+            return None
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         # Listing and downloading touch storage: keep them off the server's event loop.
@@ -82,18 +107,13 @@ def uninstall_resolver() -> None:
 
 
 def lora_request(name: str) -> LoRARequest:
-    """A LoRARequest for catalog adapter `name`, for offline use: `llm.generate(p, sp,
-    lora_request=lora_request("my-adapter"))`. Raises AdapterNotFound / InvalidAdapterName."""
+    """A LoRARequest for the current version of catalog adapter `name`, for offline use:
+    `llm.generate(p, sp, lora_request=lora_request("my-adapter"))`. Raises AdapterNotFound,
+    InvalidAdapterName, or InvalidAdapter with the reason (bad config or weights)."""
     handle = get_handle()
     if handle is None:
         from ..errors import ConfigError
 
         raise ConfigError("no catalog: set LORAPLEX_CATALOG to a directory or URL")
     resolver = _resolver if _resolver is not None and _resolver.handle is handle else CatalogLoRAResolver(handle)
-    handle.get(name)  # raises the precise error (not found, invalid, unsafe name)
-    req = resolver.resolve(name)
-    if req is None:  # found, but its files could not be fetched (logged)
-        from ..errors import AdapterNotFound
-
-        raise AdapterNotFound(name, handle.url)
-    return req
+    return resolver.resolve_checked(name)

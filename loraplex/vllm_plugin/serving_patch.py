@@ -1,10 +1,18 @@
-"""Make vLLM's OpenAI server show and serve the catalog: three small wraps of OpenAIServingModels.
+"""Make vLLM's OpenAI server show and serve the catalog, and only the catalog: wraps of
+OpenAIServingModels.
 
-- show_available_models: /v1/models lists every catalog adapter (vLLM lists only adapters it has
-  loaded), as children of the base model.
+- show_available_models: /v1/models lists every servable catalog adapter (vLLM lists only adapters
+  it has loaded), as children of the base model.
 - resolve_lora: a catalog name is resolved and loaded with the catalog's deterministic id (vLLM's
   own path replaces resolver ids with a per-process counter, so two API server replicas could give
-  one adapter two ids, or two adapters one id). Every other name goes to vLLM's own path.
+  one adapter two ids, or two adapters one id) and its current version (identity.py): a local
+  adapter's files are re-stat'ed per request, so a republished adapter is served at its new
+  version from the first request on. Unservable adapters get a 400 naming the adapter and why.
+  Every other name goes to vLLM's own path.
+- load_lora_adapter: takes only catalog names (their catalog directory, or no path), unless
+  LORAPLEX_ALLOW_RUNTIME_LORA_PATHS=1: runtime LoRA updating, which resolvers need, must not let any
+  client load any file on the server.
+- unload_lora_adapter: also frees the engine's copies (vLLM only forgets the name).
 - __init__: remembers the instance, so that catalog refreshes can forget adapters that changed or
   disappeared (the next request re-resolves them: reloaded in place, or 404).
 
@@ -19,12 +27,19 @@ import logging
 import os
 import weakref
 
+from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
 from .catalog_handle import CatalogHandle
+from .identity import split_path, version_token
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
 MODULE = "vllm.entrypoints.openai.models.serving"
 ENV_WATCH = "LORAPLEX_CATALOG_WATCH"  # seconds: refresh the catalog in the background (API server)
+ENV_ALLOW_PATHS = "LORAPLEX_ALLOW_RUNTIME_LORA_PATHS"  # 1: the load API also takes non-catalog paths
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 _instances: weakref.WeakSet = weakref.WeakSet()
 _originals: dict[str, object] = {}
@@ -92,6 +107,11 @@ def _wrap_show(orig):
         except Exception:  # noqa: BLE001 - the base listing must not fail because storage did
             log.exception("loraplex: listing the catalog failed")
             return result
+        ours = self.__dict__.get("_loraplex_names", set())
+        # loaded catalog adapters: their card's root is the adapter's directory, not the request's
+        # versioned path; ones no longer servable are not shown
+        result.data = [card if card.id not in ours else card.model_copy(update={"root": entries[card.id].path})
+                       for card in result.data if card.id not in ours or card.id in entries]
         shown = {card.id for card in result.data}
         base = result.data[0]
         for name, entry in entries.items():
@@ -105,47 +125,146 @@ def _wrap_show(orig):
     return show_available_models
 
 
-def _error(message, status):
+def _error(message, status, err_type="BadRequestError"):
     from http import HTTPStatus
 
     from vllm.entrypoints.serve import create_error_response
 
-    return create_error_response(message=message, err_type="BadRequestError", status_code=HTTPStatus(status))
+    return create_error_response(message=message, err_type=err_type, status_code=HTTPStatus(status))
+
+
+def _current(self, resolver, lora_name):
+    """The held request for a catalog adapter if it is still the version on storage, else None."""
+    held = self.lora_requests.get(lora_name)
+    if held is None:
+        return None
+    if resolver.handle.remote:
+        return held  # object stores: LORAPLEX_CATALOG_WATCH re-lists, and _forget drops changed ones
+    try:
+        entry = resolver.handle.fresh(lora_name)  # a stat of the adapter's files
+    except CatalogError:
+        return None
+    return held if split_path(held.lora_path)[1] == version_token(entry.version) else None
+
+
+async def _load_catalog_adapter(self, resolver, lora_name):
+    """The LoRARequest of the current version of catalog adapter `lora_name`, loaded into the
+    engine; an ErrorResponse naming the adapter and the reason; or None if it is not in the catalog.
+    Call with self.lora_resolver_lock[lora_name] held."""
+    ours = self.__dict__.setdefault("_loraplex_names", set())
+    try:
+        request = await asyncio.to_thread(resolver.resolve_checked, lora_name)
+    except (AdapterNotFound, InvalidAdapterName):
+        if lora_name in ours:  # removed from the catalog
+            ours.discard(lora_name)
+            self.lora_requests.pop(lora_name, None)
+        return None
+    except CatalogError as e:  # bad config or weights, storage down: one line, a clear answer
+        log.warning("loraplex: refused a request for adapter '%s': %s", lora_name, e)
+        if lora_name in ours:
+            ours.discard(lora_name)
+            self.lora_requests.pop(lora_name, None)
+        if isinstance(e, StorageError):
+            return _error(str(e), 503, "ServiceUnavailableError")
+        return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
+    held = self.lora_requests.get(lora_name)
+    if held is not None and held.lora_path == request.lora_path:
+        return held
+    try:
+        await self.engine_client.add_lora(request)
+    except Exception as e:  # noqa: BLE001 - reported to the client as a 400, in one log line
+        log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, str(e).splitlines()[-1:] or e)
+        return _error(f"LoRA adapter '{lora_name}' was found but could not be loaded: {e}", 400)
+    self.lora_requests[lora_name] = request
+    ours.add(lora_name)
+    if held is None:
+        log.info("loraplex: serving adapter '%s' (id %d) from the catalog", lora_name, request.lora_int_id)
+    else:
+        log.info("loraplex: adapter '%s' changed on storage: serving its new version", lora_name)
+    return request
 
 
 def _wrap_resolve(orig):
     async def resolve_lora(self, lora_name):
         resolver = _resolver()
-        if resolver is None or lora_name in self.lora_requests:
-            return await orig(self, lora_name)
+        ours = self.__dict__.get("_loraplex_names", ())
+        if resolver is None or (lora_name in self.lora_requests and lora_name not in ours):
+            return await orig(self, lora_name)  # not a catalog adapter (--lora-modules, the load API)
+        if lora_name in ours:
+            held = _current(self, resolver, lora_name)
+            if held is not None:
+                return held
         async with self.lora_resolver_lock[lora_name]:
-            if lora_name in self.lora_requests:
-                return self.lora_requests[lora_name]
-            request = await resolver.resolve_lora(self.model_config.model, lora_name)
-            if request is not None:
-                try:
-                    await self.engine_client.add_lora(request)
-                except Exception as e:  # noqa: BLE001 - reported to the client as a 400
-                    log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, e)
-                    return _error(f"LoRA adapter '{lora_name}' was found but could not be loaded: {e}", 400)
-                # load_inplace was for this one load; requests must not reload it every step.
-                if request.load_inplace:
-                    import msgspec
-
-                    request = msgspec.structs.replace(request, load_inplace=False)
-                self.lora_requests[lora_name] = request
-                self.__dict__.setdefault("_loraplex_names", set()).add(lora_name)
-                log.info("loraplex: serving adapter '%s' (id %d) from the catalog", lora_name,
-                         request.lora_int_id)
-                return request
-        # Not a catalog adapter: vLLM's path (other resolvers, then 404).
-        return await orig(self, lora_name)
+            got = await _load_catalog_adapter(self, resolver, lora_name)
+        if got is not None:
+            return got
+        return await orig(self, lora_name)  # other resolvers, then vLLM's 404
 
     resolve_lora.__loraplex_wrapped__ = orig
     return resolve_lora
 
 
-_WRAPS = {"__init__": _wrap_init, "show_available_models": _wrap_show, "resolve_lora": _wrap_resolve}
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _wrap_load(orig):
+    async def load_lora_adapter(self, request, base_model_name=None):
+        resolver = _resolver()
+        if resolver is None:
+            return await orig(self, request, base_model_name)
+        name = request.lora_name
+        try:
+            entry = await asyncio.to_thread(resolver.handle.get, name)
+        except (AdapterNotFound, InvalidAdapterName):
+            entry = None
+        except CatalogError:
+            entry = True  # a catalog adapter that cannot be served: _load_catalog_adapter says why
+        if entry is None:
+            if _truthy(os.environ.get(ENV_ALLOW_PATHS, "")):
+                return await orig(self, request, base_model_name)
+            return _error(f"'{name}' is not an adapter of this server's catalog ({resolver.handle.url}); this server "
+                          f"loads only catalog adapters. Publish it in the catalog, or start the server with "
+                          f"{ENV_ALLOW_PATHS}=1 to allow loading adapters from any path.", 403, "ForbiddenError")
+        path = split_path(request.lora_path or "")[0]
+        if path and (entry is True or not _same_dir(path, entry.path)):
+            return _error(f"LoRA adapter '{name}' is in the catalog at {getattr(entry, 'path', '?')}; load it by "
+                          f"name (lora_path empty or that directory), not from {path}.", 403, "ForbiddenError")
+        async with self.lora_resolver_lock[name]:
+            got = await _load_catalog_adapter(self, resolver, name)
+        if got is None:
+            return _error(f"LoRA adapter '{name}' not found in catalog {resolver.handle.url}", 404, "NotFoundError")
+        if not hasattr(got, "lora_path"):
+            return got  # the ErrorResponse
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    load_lora_adapter.__loraplex_wrapped__ = orig
+    return load_lora_adapter
+
+
+def _wrap_unload(orig):
+    async def unload_lora_adapter(self, request):
+        held = self.lora_requests.get(request.lora_name)
+        result = await orig(self, request)
+        if held is not None and request.lora_name not in self.lora_requests:
+            self.__dict__.get("_loraplex_names", set()).discard(request.lora_name)
+            # vLLM only forgets the name here; free the engine's copies too (GPU slot, CPU caches)
+            try:
+                await self.engine_client.remove_lora(held.lora_int_id)
+            except Exception as e:  # noqa: BLE001 - the name is gone either way; say what stayed behind
+                log.warning("loraplex: adapter '%s' unloaded from the API server but not the engine: %s",
+                            request.lora_name, e)
+        return result
+
+    unload_lora_adapter.__loraplex_wrapped__ = orig
+    return unload_lora_adapter
+
+
+_WRAPS = {"__init__": _wrap_init, "show_available_models": _wrap_show, "resolve_lora": _wrap_resolve,
+          "load_lora_adapter": _wrap_load, "unload_lora_adapter": _wrap_unload}
 
 
 def patch_serving_models(module) -> None:

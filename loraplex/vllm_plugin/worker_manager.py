@@ -4,10 +4,13 @@ vLLM's LRUCacheWorkerLoRAManager reads an adapter from disk inside the engine st
 it, one adapter after another, and forgets it entirely once it falls out of `max_cpu_loras`. This
 subclass keeps vLLM's methods and behaviour and changes where adapters come from:
 
+- catalog adapters are read through the catalog (loading.py): exactly the version the request names
+  (identity.py), weights checked before vLLM sees them; other adapters go through vLLM's loader;
 - every load goes through a HostAdapterCache (a byte budget, not a count; a thread pool), keyed by
-  (name, path, version), so an adapter vLLM evicted comes back without storage I/O, and a changed
-  adapter is never served from a stale copy;
+  (name, version), so an adapter vLLM evicted comes back without storage I/O, a request for another
+  version reloads the adapter in place (once, not every step), and a stale copy is never served;
 - the adapters a step needs are all started in parallel before vLLM adds them one by one;
+- unloading (vLLM's remove_lora) frees the GPU slot, vLLM's CPU copy and the host cache's;
 - the catalog (LORAPLEX_CATALOG) gives names: prefetch_adapter(name), pin_adapter_by_name(name),
   load_multiple_adapters(names), get_adapter_name(id), refresh_storage_catalog();
 - it tells our punica wrapper each slot's real rank, so kernels skip the zero padding.
@@ -20,14 +23,17 @@ from __future__ import annotations
 import logging
 import os
 
+import msgspec
 import torch
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ..config import RuntimeConfig
-from ..errors import ConfigError
+from ..errors import AdapterChanged, ConfigError
 from .catalog_handle import get_handle
 from .host_cache import HostAdapterCache
+from .identity import catalog_path, split_path, version_token
+from .loading import build_lora_model
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -88,8 +94,6 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
         self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
-        if self._catalog is not None:
-            self._catalog.subscribe(self._on_catalog_change)
 
     # ---- loading ---------------------------------------------------------------------------------
     def _realpath(self, path: str) -> str:
@@ -99,25 +103,38 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return real
 
     def _key(self, req: LoRARequest) -> tuple:
-        path = self._realpath(req.lora_path)
-        version = None
-        if self._catalog is not None:
-            try:
-                entry = self._catalog.catalog.get(req.lora_name)
-                if self._realpath(entry.path) == path:
-                    version = entry.version
-            except Exception:  # noqa: BLE001 - not a catalog adapter: fall back to file stats
-                version = None
-        return (req.lora_name, path, version if version is not None else _signature(path))
+        """Host-cache key of the weights `req` means: (name, version token) for catalog requests,
+        else (name, path, file signature)."""
+        path, token = split_path(req.lora_path)
+        if token is not None:
+            return (req.lora_name, token)
+        path = self._realpath(path)
+        return (req.lora_name, path, _signature(path))
 
     def _load_packed(self, req: LoRARequest):
-        """Runs on the loader pool: vLLM's own loading and validation, then its packing (qkv,
-        gate_up) and scaling, so the cached LoRAModel is ready for add_adapter as is."""
-        lora = super()._load_adapter(req)
+        """Runs on the loader pool: the adapter as a vLLM LoRAModel, packed (qkv, gate_up) and scaled,
+        ready for add_adapter as is."""
+        _, token = split_path(req.lora_path)
+        if token is None:
+            lora = super()._load_adapter(req)
+        else:
+            lora = self._load_catalog_version(req.lora_name, token, req.lora_int_id)
         pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
         if pack is not None:
             pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
         return lora
+
+    def _load_catalog_version(self, name: str, token: str, lora_id: int):
+        """Exactly the version `token` names, through the catalog's checked reader."""
+        handle = self._require_catalog()
+        entry = handle.get(name)
+        if version_token(entry.version) != token:
+            handle.catalog.refresh([name])  # this process may not have seen the change yet
+            entry = handle.get(name)
+        if version_token(entry.version) != token:
+            raise AdapterChanged(name, token, version_token(entry.version))
+        _, config, tensors = handle.catalog.load_peft(name, entry)
+        return build_lora_model(self, lora_id, name, config, tensors)
 
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)
@@ -129,34 +146,33 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return lora
 
     def add_adapter(self, lora_request: LoRARequest) -> bool:
-        if lora_request.load_inplace and self._catalog is not None:
-            # The API server saw the files change; this process's catalog may not have yet
-            # (rate-limited: vLLM repeats the request at every step of the requests that use it).
-            self._catalog.refresh()
-        # load_inplace reloads only when the files actually changed (same key: same weights).
-        if (lora_request.load_inplace and lora_request.lora_int_id in self.list_adapters()
-                and self._keys.get(lora_request.lora_int_id) == self._key(lora_request)):
-            import msgspec
-
+        held = self._keys.get(lora_request.lora_int_id)
+        loaded = lora_request.lora_int_id in self.list_adapters()
+        key = self._key(lora_request) if (loaded or lora_request.load_inplace) else None
+        if loaded and held is not None and held != key and not lora_request.load_inplace:
+            # another version of an adapter vLLM holds: reload it in place
+            lora_request = msgspec.structs.replace(lora_request, load_inplace=True)
+        elif lora_request.load_inplace and loaded and held == key:
+            # the same weights: vLLM would re-read them at every step of every request carrying the flag
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
         return super().add_adapter(lora_request)
 
-    def _apply_adapters(self, lora_requests) -> None:
-        import msgspec
+    def remove_adapter(self, adapter_id: int) -> bool:
+        """Unload (vLLM's remove_lora): the GPU slot, vLLM's CPU copy and the host cache's copies."""
+        removed = super().remove_adapter(adapter_id)
+        key = self._keys.pop(adapter_id, None)
+        name = self._names.pop(adapter_id, None)
+        if key is not None or name is not None:
+            self._host.discard(lambda k: k == key or k[0] == name)
+        self._ranks.pop(adapter_id, None)
+        return removed
 
+    def _apply_adapters(self, lora_requests) -> None:
         loaded = self.list_adapters()
-        requests = set()
         for req in lora_requests:
-            if req:
-                key = self._key(req)
-                held = self._keys.get(req.lora_int_id)
-                if req.lora_int_id in loaded and held is not None and held != key and not req.load_inplace:
-                    # the catalog has a new version of an adapter vLLM holds: reload it in place
-                    req = msgspec.structs.replace(req, load_inplace=True)
-                if req.lora_int_id not in loaded or req.load_inplace:
-                    self._host.prefetch(key, req)  # all in parallel; add_adapter waits for each
-            requests.add(req)
-        super()._apply_adapters(requests)
+            if req and (req.lora_int_id not in loaded or self._keys.get(req.lora_int_id) != self._key(req)):
+                self._host.prefetch(self._key(req), req)  # all in parallel; add_adapter waits for each
+        super()._apply_adapters(lora_requests)
 
     def set_active_adapters(self, requests, mapping) -> None:
         self._apply_adapters(requests)
@@ -193,18 +209,16 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return self._catalog
 
     def _request_for(self, name: str) -> LoRARequest:
+        """A request for the current version of catalog adapter `name`."""
         handle = self._require_catalog()
-        entry = handle.get(name)  # raises AdapterNotFound, InvalidAdapterName, InvalidAdapter
-        return LoRARequest(lora_name=name, lora_int_id=entry.id, lora_path=handle.catalog.local_path(name))
-
-    def _on_catalog_change(self, diff) -> None:
-        gone = set(diff.removed) | set(diff.changed)
-        if gone:
-            self._host.discard(lambda key: key[0] in gone)
+        entry = handle.fresh(name)  # raises AdapterNotFound, InvalidAdapterName, InvalidAdapter
+        local = handle.catalog.local_path(name)
+        return LoRARequest(lora_name=name, lora_int_id=entry.id, lora_path=catalog_path(local, entry.version))
 
     def refresh_storage_catalog(self):
-        """Re-list the catalog now; drops host-cached weights of changed and removed adapters.
-        Returns the CatalogDiff."""
+        """Re-list the catalog now. Requests resolved from then on carry the new versions; weights of
+        older versions stay in the host cache (in-flight requests may still need them) until the
+        byte budget evicts them. Returns the CatalogDiff."""
         return self._require_catalog().refresh(force=True)
 
     def get_adapter_name(self, adapter_id: int) -> str:

@@ -125,13 +125,15 @@ def _resolve(resolver, name):
 
 def test_resolver_known_names(resolver, catalog_dir):
     from loraplex.catalog import Catalog
+    from loraplex.vllm_plugin.identity import split_path, version_token
 
     catalog = Catalog(catalog_dir)
     for name in ("alpha-r4", "beta-r8", "gamma-r16"):
         req = _resolve(resolver, name)
         assert req.lora_name == name
-        assert os.path.isabs(req.lora_path)
-        assert os.path.samefile(req.lora_path, catalog_dir / name)
+        path, token = split_path(req.lora_path)
+        assert os.path.isabs(path) and os.path.samefile(path, catalog_dir / name)
+        assert token == version_token(catalog.get(name).version)  # the version travels with the request
         assert req.lora_int_id == catalog.get_adapter_id(name)  # deterministic: any process agrees
         assert not req.load_inplace
 
@@ -146,7 +148,7 @@ def test_resolver_sees_adapters_added_later(resolver, catalog_dir):
     assert _resolve(resolver, "delta") is None
     shutil.copytree(catalog_dir / "alpha-r4", catalog_dir / "delta")
     req = _resolve(resolver, "delta")
-    assert req is not None and os.path.samefile(req.lora_path, catalog_dir / "delta")
+    assert req is not None and os.path.samefile(req.lora_path.split("#")[0], catalog_dir / "delta")
 
 
 def test_resolver_refuses_invalid_adapters(resolver, catalog_dir):
@@ -156,17 +158,33 @@ def test_resolver_refuses_invalid_adapters(resolver, catalog_dir):
     assert _resolve(resolver, "broken") is None
 
 
-def test_resolver_marks_changed_adapters_for_inplace_reload(resolver, catalog_dir):
+def test_resolver_gives_each_version_its_own_path(resolver, catalog_dir):
+    """vLLM keys prefix-cache blocks by (name, path): a new version must not share the old one's."""
     first = _resolve(resolver, "alpha-r4")
-    assert not first.load_inplace
+    assert _resolve(resolver, "alpha-r4").lora_path == first.lora_path  # unchanged: same keys, cache hits
     weights = catalog_dir / "alpha-r4" / "adapter_model.safetensors"
     data = weights.read_bytes()
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
     weights.write_bytes(data)
-    resolver.handle.refresh(force=True)
-    again = _resolve(resolver, "alpha-r4")
-    assert again.load_inplace and again.lora_int_id == first.lora_int_id
-    assert not _resolve(resolver, "alpha-r4").load_inplace
+    again = _resolve(resolver, "alpha-r4")  # no refresh needed: a known local adapter is re-stat'ed
+    assert again.lora_int_id == first.lora_int_id and again.lora_path != first.lora_path
+    assert not again.load_inplace
+
+
+def test_resolver_refuses_nan_weights_with_the_reason(resolver, catalog_dir):
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.errors import InvalidAdapter
+
+    weights = catalog_dir / "beta-r8" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[3] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapter, match=r"'beta-r8'.*NaN or infinite"):
+        resolver.resolve_checked("beta-r8")
+    assert _resolve(resolver, "beta-r8") is None
+    assert "beta-r8" not in resolver.handle.names() and "alpha-r4" in resolver.handle.names()
 
 
 def test_register_installs_the_resolver(clean_plugin, catalog_dir):
@@ -180,7 +198,7 @@ def test_register_installs_the_resolver(clean_plugin, catalog_dir):
     resolver = LoRAResolverRegistry.get_resolver("loraplex")
     assert _resolve(resolver, "beta-r8").lora_name == "beta-r8"
     req = vllm_plugin.lora_request("gamma-r16")
-    assert os.path.samefile(req.lora_path, catalog_dir / "gamma-r16")
+    assert os.path.samefile(req.lora_path.split("#")[0], catalog_dir / "gamma-r16")
     with pytest.raises(KeyError):
         vllm_plugin.lora_request("nope")
     with pytest.raises(ValueError):
