@@ -34,6 +34,7 @@ class HostAdapterCache:
         self._pinned: set[Hashable] = set()
         self._bytes = 0
         self.hits = self.misses = self.loads = self.evictions = self.failures = 0
+        self.generation = 0  # bumped whenever the set of cached or pinned keys changes
 
     # ---- reading -------------------------------------------------------------------------------
     def get(self, key: Hashable, *args):
@@ -77,6 +78,7 @@ class HostAdapterCache:
                 self._bytes -= old[1]
             self._ready[key] = (value, size)
             self._bytes += size
+            self.generation += 1
             self._evict_locked(keep=key)
         return value
 
@@ -89,10 +91,12 @@ class HostAdapterCache:
         """Never evict key (it may still be loading; pins survive until unpin/discard)."""
         with self._lock:
             self._pinned.add(key)
+            self.generation += 1
 
     def unpin(self, key: Hashable) -> None:
         with self._lock:
             self._pinned.discard(key)
+            self.generation += 1
             self._evict_locked()
 
     def discard(self, match: Callable[[Hashable], bool]) -> int:
@@ -102,6 +106,7 @@ class HostAdapterCache:
             for k in gone:
                 self._bytes -= self._ready.pop(k)[1]
                 self._pinned.discard(k)
+            self.generation += bool(gone)
             return len(gone)
 
     def set_limits(self, max_bytes: int | None = None, max_entries: int | None = None) -> None:
@@ -124,6 +129,7 @@ class HostAdapterCache:
                 continue
             self._bytes -= self._ready.pop(k)[1]
             self.evictions += 1
+            self.generation += 1
 
     # ---- introspection -------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -136,6 +142,15 @@ class HostAdapterCache:
     def keys(self) -> list:
         with self._lock:
             return list(self._ready)
+
+    def items(self) -> list:
+        """(key, value) of every cached entry, oldest first."""
+        with self._lock:
+            return [(k, v) for k, (v, _) in self._ready.items()]
+
+    def pinned_keys(self) -> set:
+        with self._lock:
+            return set(self._pinned)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

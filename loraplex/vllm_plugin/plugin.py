@@ -28,6 +28,7 @@ ENV_ENABLE = "LORAPLEX_ENABLE"
 ENV_KERNELS = "LORAPLEX_KERNELS"
 MIXIN_MODULE = "vllm.v1.worker.lora_model_runner_mixin"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
+METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
 
 _lock = threading.RLock()
 _installed: set[str] = set()
@@ -141,7 +142,43 @@ def install_serving() -> None:
 
         patch_serving_models(module)
 
+    _ensure_state_dir()
     after_import(SERVING_MODULE, patch)
+    after_import(METRICS_MODULE, _patch_metrics)
+
+
+def _ensure_state_dir() -> None:
+    """Where workers publish what they hold (residency.py) for this server's /metrics. Created by the
+    first process (the API server, or an offline LLM's); the engine and workers it starts inherit it."""
+    from .residency import ENV_STATE_DIR
+
+    if os.environ.get(ENV_STATE_DIR, "").strip():
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="loraplex-state-")
+    os.environ[ENV_STATE_DIR] = path
+    atexit.register(shutil.rmtree, path, True)
+
+
+def _patch_metrics(module) -> None:
+    """/metrics serves the registry get_prometheus_registry() returns (the global one, or a
+    multiprocess one): add the residency collector to whichever it is."""
+    from .residency_metrics import register_collector
+
+    orig = module.get_prometheus_registry
+    if getattr(orig, "__loraplex_wrapped__", None) is not None:
+        return
+
+    def get_prometheus_registry():
+        registry = orig()
+        register_collector(registry)
+        return registry
+
+    get_prometheus_registry.__loraplex_wrapped__ = orig
+    module.get_prometheus_registry = get_prometheus_registry
 
 
 def install_worker_manager() -> None:
@@ -188,6 +225,7 @@ def unregister() -> None:
         with _hooks._lock:
             _hooks._pending.pop(SERVING_MODULE, None)
             _hooks._pending.pop(MIXIN_MODULE, None)
+            _hooks._pending.pop(METRICS_MODULE, None)
         _installed.clear()
 
 

@@ -29,7 +29,8 @@ import weakref
 
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
 from .catalog_handle import CatalogHandle
-from .identity import split_path, version_token
+from .identity import split_path
+from .loaded import LoadedAdapters
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -58,10 +59,9 @@ def _forget(diff) -> None:
     if not gone:
         return
     for models in list(_instances):
-        ours = models.__dict__.get("_loraplex_names", set())
-        for name in gone & ours:
-            ours.discard(name)
-            if models.lora_requests.pop(name, None) is not None:
+        loaded = models.lora_requests
+        for name in gone & getattr(loaded, "catalog_names", set()):
+            if loaded.drop(name):
                 log.info("loraplex: adapter '%s' changed or was removed; it will be re-resolved", name)
 
 
@@ -77,6 +77,7 @@ def _watch(handle: CatalogHandle) -> None:
 def _wrap_init(orig):
     def __init__(self, *args, **kwargs):
         orig(self, *args, **kwargs)
+        self.lora_requests = LoadedAdapters(self.lora_requests)
         _instances.add(self)
         resolver = _resolver()
         if resolver is not None:
@@ -107,7 +108,7 @@ def _wrap_show(orig):
         except Exception:  # noqa: BLE001 - the base listing must not fail because storage did
             log.exception("loraplex: listing the catalog failed")
             return result
-        ours = self.__dict__.get("_loraplex_names", set())
+        ours = getattr(self.lora_requests, "catalog_names", set())
         # loaded catalog adapters: their card's root is the adapter's directory, not the request's
         # versioned path; ones no longer servable are not shown
         result.data = [card if card.id not in ours else card.model_copy(update={"root": entries[card.id].path})
@@ -133,41 +134,23 @@ def _error(message, status, err_type="BadRequestError"):
     return create_error_response(message=message, err_type=err_type, status_code=HTTPStatus(status))
 
 
-def _current(self, resolver, lora_name):
-    """The held request for a catalog adapter if it is still the version on storage, else None."""
-    held = self.lora_requests.get(lora_name)
-    if held is None:
-        return None
-    if resolver.handle.remote:
-        return held  # object stores: LORAPLEX_CATALOG_WATCH re-lists, and _forget drops changed ones
-    try:
-        entry = resolver.handle.fresh(lora_name)  # a stat of the adapter's files
-    except CatalogError:
-        return None
-    return held if split_path(held.lora_path)[1] == version_token(entry.version) else None
-
-
 async def _load_catalog_adapter(self, resolver, lora_name):
     """The LoRARequest of the current version of catalog adapter `lora_name`, loaded into the
     engine; an ErrorResponse naming the adapter and the reason; or None if it is not in the catalog.
     Call with self.lora_resolver_lock[lora_name] held."""
-    ours = self.__dict__.setdefault("_loraplex_names", set())
+    loaded = self.lora_requests
     try:
         request = await asyncio.to_thread(resolver.resolve_checked, lora_name)
     except (AdapterNotFound, InvalidAdapterName):
-        if lora_name in ours:  # removed from the catalog
-            ours.discard(lora_name)
-            self.lora_requests.pop(lora_name, None)
+        loaded.drop(lora_name)  # removed from the catalog
         return None
     except CatalogError as e:  # bad config or weights, storage down: one line, a clear answer
         log.warning("loraplex: refused a request for adapter '%s': %s", lora_name, e)
-        if lora_name in ours:
-            ours.discard(lora_name)
-            self.lora_requests.pop(lora_name, None)
+        loaded.drop(lora_name)
         if isinstance(e, StorageError):
             return _error(str(e), 503, "ServiceUnavailableError")
         return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
-    held = self.lora_requests.get(lora_name)
+    held = loaded.get(lora_name)
     if held is not None and held.lora_path == request.lora_path:
         return held
     try:
@@ -175,8 +158,7 @@ async def _load_catalog_adapter(self, resolver, lora_name):
     except Exception as e:  # noqa: BLE001 - reported to the client as a 400, in one log line
         log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, str(e).splitlines()[-1:] or e)
         return _error(f"LoRA adapter '{lora_name}' was found but could not be loaded: {e}", 400)
-    self.lora_requests[lora_name] = request
-    ours.add(lora_name)
+    loaded.add_catalog(lora_name, request)
     if held is None:
         log.info("loraplex: serving adapter '%s' (id %d) from the catalog", lora_name, request.lora_int_id)
     else:
@@ -187,13 +169,8 @@ async def _load_catalog_adapter(self, resolver, lora_name):
 def _wrap_resolve(orig):
     async def resolve_lora(self, lora_name):
         resolver = _resolver()
-        ours = self.__dict__.get("_loraplex_names", ())
-        if resolver is None or (lora_name in self.lora_requests and lora_name not in ours):
-            return await orig(self, lora_name)  # not a catalog adapter (--lora-modules, the load API)
-        if lora_name in ours:
-            held = _current(self, resolver, lora_name)
-            if held is not None:
-                return held
+        if resolver is None or lora_name in self.lora_requests:  # held, and current (LoadedAdapters)
+            return await orig(self, lora_name)
         async with self.lora_resolver_lock[lora_name]:
             got = await _load_catalog_adapter(self, resolver, lora_name)
         if got is not None:
@@ -250,7 +227,7 @@ def _wrap_unload(orig):
         held = self.lora_requests.get(request.lora_name)
         result = await orig(self, request)
         if held is not None and request.lora_name not in self.lora_requests:
-            self.__dict__.get("_loraplex_names", set()).discard(request.lora_name)
+            getattr(self.lora_requests, "catalog_names", set()).discard(request.lora_name)
             # vLLM only forgets the name here; free the engine's copies too (GPU slot, CPU caches)
             try:
                 await self.engine_client.remove_lora(held.lora_int_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import msgspec
 import torch
@@ -34,12 +35,14 @@ from .catalog_handle import get_handle
 from .host_cache import HostAdapterCache
 from .identity import catalog_path, split_path, version_token
 from .loading import build_lora_model
+from .residency import ResidencyReporter
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
 ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default: RuntimeConfig's, 2 GiB)
 ENV_HOST_ENTRIES = "LORAPLEX_HOST_CACHE_ENTRIES"  # optional cap on cached adapters
 ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default: RuntimeConfig's, 4)
+ENV_PIN = "LORAPLEX_PIN_ADAPTERS"  # comma-separated catalog names kept in host memory from startup on
 
 
 def _tensors(lora_model):
@@ -94,6 +97,32 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
         self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
+        self._residency = ResidencyReporter(self)
+
+    def create_lora_manager(self, *args, **kwargs):
+        model = super().create_lora_manager(*args, **kwargs)
+        self._pin_from_env()
+        self._residency.publish()  # the slots are known now: routers see the replica before any traffic
+        return model
+
+    def remove_all_adapters(self):
+        super().remove_all_adapters()  # vLLM's warm-up ends with this: the pinned ones come back from host memory
+        self._pin_from_env()
+        self._residency.publish()
+
+    def _pin_from_env(self) -> None:
+        """LORAPLEX_PIN_ADAPTERS: load these catalog adapters now and keep them in the host cache and
+        vLLM's CPU cache (not in a GPU slot: vLLM's scheduler does not count pinned slots)."""
+        from ..errors import LoraplexError
+
+        for name in filter(None, (n.strip() for n in os.environ.get(ENV_PIN, "").split(","))):
+            try:
+                req = self._request_for(name)
+                self._host.pin(self._key(req))
+                self.load_multiple_adapters([name])
+                self._adapter_manager._pin_lora_in_cpu_cache(req.lora_int_id)
+            except LoraplexError as e:
+                log.warning("loraplex: cannot pin adapter '%s' (%s): %s", name, ENV_PIN, e)
 
     # ---- loading ---------------------------------------------------------------------------------
     def _realpath(self, path: str) -> str:
@@ -114,6 +143,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def _load_packed(self, req: LoRARequest):
         """Runs on the loader pool: the adapter as a vLLM LoRAModel, packed (qkv, gate_up) and scaled,
         ready for add_adapter as is."""
+        start = time.perf_counter()
         _, token = split_path(req.lora_path)
         if token is None:
             lora = super()._load_adapter(req)
@@ -122,6 +152,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
         if pack is not None:
             pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
+        self._residency.load_times.observe(time.perf_counter() - start)
         return lora
 
     def _load_catalog_version(self, name: str, token: str, lora_id: int):
@@ -155,7 +186,9 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         elif lora_request.load_inplace and loaded and held == key:
             # the same weights: vLLM would re-read them at every step of every request carrying the flag
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
-        return super().add_adapter(lora_request)
+        added = super().add_adapter(lora_request)
+        self._residency.publish()
+        return added
 
     def remove_adapter(self, adapter_id: int) -> bool:
         """Unload (vLLM's remove_lora): the GPU slot, vLLM's CPU copy and the host cache's copies."""
@@ -165,7 +198,13 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         if key is not None or name is not None:
             self._host.discard(lambda k: k == key or k[0] == name)
         self._ranks.pop(adapter_id, None)
+        self._residency.publish()
         return removed
+
+    def pin_adapter(self, adapter_id: int) -> bool:
+        pinned = super().pin_adapter(adapter_id)
+        self._residency.publish()
+        return pinned
 
     def _apply_adapters(self, lora_requests) -> None:
         loaded = self.list_adapters()
@@ -179,6 +218,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         if mapping is not None:
             self._publish_ranks()
             self._adapter_manager.set_adapter_mapping(mapping)
+        self._residency.publish()
 
     def _publish_ranks(self) -> None:
         """Give our punica wrappers the real rank of every adapter in a GPU slot."""
@@ -200,6 +240,24 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
                 # An in-place reload can change a rank without changing the mapping or the slot
                 # layout, which is all vLLM compares before re-running update_metadata.
                 manager._last_mapping = None
+
+    # ---- residency (metrics) --------------------------------------------------------------------
+    def adapter_name(self, lora_id: int) -> str | None:
+        name = self._names.get(lora_id)
+        if name is None and self._catalog is not None:
+            try:
+                name = self._catalog.catalog.get_adapter_name(lora_id)
+            except Exception:  # noqa: BLE001 - an adapter vLLM loaded by path, outside the catalog
+                return None
+        return name
+
+    def adapter_rank(self, lora_id: int) -> int:
+        model = self._adapter_manager.get_adapter(lora_id)
+        return 0 if model is None else model_rank(model)
+
+    def host_resident(self) -> list:
+        """(host cache key, rank) of every adapter in the host cache."""
+        return [(key, model_rank(lora)) for key, lora in self._host.items()]
 
     # ---- catalog ---------------------------------------------------------------------------------
     def _require_catalog(self):
@@ -230,7 +288,9 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def prefetch_adapter(self, name: str):
         """Start loading catalog adapter `name` into the host cache; returns a Future."""
         req = self._request_for(name)
-        return self._host.prefetch(self._key(req), req)
+        future = self._host.prefetch(self._key(req), req)
+        future.add_done_callback(lambda _: self._residency.publish())  # an idle engine reports it too
+        return future
 
     def load_multiple_adapters(self, names) -> dict[str, int]:
         """Load catalog adapters in parallel and register them in vLLM's CPU cache (no GPU slot yet).
@@ -246,6 +306,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             if len(manager) + 1 > manager.capacity:
                 manager.remove_oldest_adapter()
             manager.add_adapter(self._load_adapter(req))
+        self._residency.publish()
         return {r.lora_name: r.lora_int_id for r in reqs}
 
     def pin_adapter_by_name(self, name: str) -> bool:
@@ -258,6 +319,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def set_cache_policy(self, host_cache_bytes: int | None = None, max_host_entries: int | None = None) -> dict:
         """Resize the host cache (evicting now if needed); returns cache_sizes()."""
         self._host.set_limits(host_cache_bytes, max_host_entries)
+        self._residency.publish()
         return self.cache_sizes()
 
     # ---- debugging -------------------------------------------------------------------------------

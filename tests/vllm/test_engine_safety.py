@@ -95,12 +95,15 @@ def test_republished_adapter_never_reuses_old_kv(engine, tmp_path):
     assert _run(engine, "swap", LONG)[1] >= 3 * BLOCK  # v1's blocks are cached now
     _publish(engine, engine.catalog / "gamma-r16", "swap", tmp_path)
     assert _manager(engine, "refresh_storage_catalog").changed == ("swap",)
+    loads = _manager(engine, "cache_sizes")["host"]["loads"]
     tokens, cached = _run(engine, "swap", LONG)
     assert tokens == v2, "served with KV blocks computed by the adapter's previous weights"
     assert cached == 0
     # the new version's own blocks are reused from now on
     tokens, cached = _run(engine, "swap", LONG)
     assert tokens == v2 and cached >= 3 * BLOCK
+    # reloaded in place once, not at every step (vLLM #41482)
+    assert _manager(engine, "cache_sizes")["host"]["loads"] == loads + 1
 
 
 def test_nan_adapter_is_refused_and_harms_no_one(engine, tmp_path):

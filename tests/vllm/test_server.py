@@ -29,9 +29,16 @@ def _http(url, body=None, timeout=60):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
+            return r.status, _body(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        return e.code, _body(e.read())
+
+
+def _body(raw: bytes):
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")  # plain-text answers (the load API's "Success: ...")
 
 
 def _stop(proc):
@@ -50,8 +57,10 @@ def server(tiny_model_dir, adapter_source, tmp_path_factory):
     catalog = root / "catalog"
     shutil.copytree(adapter_source, catalog)
     port = free_port()
-    env = dict(os.environ, LORAPLEX_BACKEND="torch", LORAPLEX_REFRESH_INTERVAL="0",
-               VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    # LORAPLEX_REFRESH_INTERVAL keeps its default: a new adapter must be found without re-listing
+    env = dict(os.environ, LORAPLEX_BACKEND="torch", VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1",
+               LORAPLEX_PIN_ADAPTERS="beta-r8")
+    env.pop("LORAPLEX_REFRESH_INTERVAL", None)
     env.pop("LORAPLEX_CATALOG", None)
     cmd = [sys.executable, "-m", "loraplex.vllm_plugin.serve", tiny_model_dir,
            "--lora-catalog-type", "storage", "--lora-catalog-path", str(catalog),
@@ -136,7 +145,119 @@ def test_adapter_changed_in_place(server, reference, tmp_path):
     shutil.copytree(server.catalog / "beta-r8", tmp_path / "new")
     os.rename(server.catalog / "swap", tmp_path / "old")
     os.rename(tmp_path / "new", server.catalog / "swap")
-    _http(server.url + "/v1/models")  # any listing (or LORAPLEX_CATALOG_WATCH) notices the change
-    status, tokens = _complete(server, "swap", PROMPTS[1])
+    status, tokens = _complete(server, "swap", PROMPTS[1])  # the first request after the rename
     assert status == 200, tokens
     assert tokens == reference(server.catalog / "beta-r8", PROMPTS[1])
+
+
+def _publish(server, src, name, staging):
+    """Copy adapter `src` into the catalog as `name`, appearing at once (a rename)."""
+    shutil.copytree(src, staging / name)
+    os.rename(staging / name, server.catalog / name)
+
+
+def test_new_adapters_are_found_by_their_first_request(server, reference, tmp_path):
+    # a miss (a typo) must not stop the next new name from being looked up
+    assert _complete(server, "not-yet-published", PROMPTS[0])[0] == 404
+    _publish(server, server.catalog / "beta-r8", "pub-one", tmp_path)
+    time.sleep(0.1)
+    _publish(server, server.catalog / "gamma-r16", "pub-two", tmp_path)
+    for name, src in (("pub-one", "beta-r8"), ("pub-two", "gamma-r16")):
+        status, tokens = _complete(server, name, PROMPTS[2])
+        assert status == 200, tokens
+        assert tokens == reference(server.catalog / src, PROMPTS[2])
+    _publish(server, server.catalog / "alpha-r4", "not-yet-published", tmp_path)
+    assert _complete(server, "not-yet-published", PROMPTS[0]) == (200, reference(server.catalog / "alpha-r4",
+                                                                                  PROMPTS[0]))
+
+
+def test_nan_adapter_is_refused_by_name_and_harms_no_one(server, reference, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    staged = tmp_path / "poisoned"
+    shutil.copytree(server.catalog / "alpha-r4", staged)
+    weights = staged / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.rename(staged, server.catalog / "poisoned")
+    log_before = server.log.read_text()
+    for _ in range(3):
+        status, body = _complete(server, "poisoned", PROMPTS[0])
+        assert status == 400, body
+        message = body["error"]["message"]
+        assert "'poisoned'" in message and "NaN" in message, message
+    # everyone else is served as before, the base model included, and the bad adapter is not listed
+    for name, prompt in ((None, PROMPTS[3]), ("alpha-r4", PROMPTS[0]), ("gamma-r16", PROMPTS[1]), (None, PROMPTS[0])):
+        status, tokens = _complete(server, name or server.model, prompt)
+        assert status == 200 and tokens == reference(None if name is None else server.catalog / name, prompt)
+    ids = {card["id"] for card in _http(server.url + "/v1/models")[1]["data"]}
+    assert "poisoned" not in ids and "alpha-r4" in ids
+    new_log = server.log.read_text()[len(log_before):]
+    lines = [ln for ln in new_log.splitlines() if "poisoned" in ln]
+    assert len(lines) == 3, "one concise line per refused request:\n" + "\n".join(lines)
+    assert "Traceback" not in new_log
+
+
+def test_load_api_takes_catalog_names_only(server, reference, tmp_path, tiny_model_dir):
+    from loraplex import toy
+
+    outside = toy.make_adapter(tiny_model_dir, tmp_path / "outside", r=4, alpha=8, seed=5, targets=("q_proj",))
+    load = server.url + "/v1/load_lora_adapter"
+    status, body = _http(load, {"lora_name": "outsider", "lora_path": str(outside)})
+    assert status == 403, body
+    assert "only catalog adapters" in body["error"]["message"]
+    assert _complete(server, "outsider", PROMPTS[0])[0] == 404
+    # a catalog name with another path: refused; by name (its own directory or no path): loaded
+    status, body = _http(load, {"lora_name": "alpha-r4", "lora_path": str(outside)})
+    assert status == 403, body
+    assert _http(load, {"lora_name": "beta-r8", "lora_path": str(server.catalog / "beta-r8")})[0] == 200
+    assert _http(load, {"lora_name": "gamma-r16", "lora_path": ""})[0] == 200
+    status, tokens = _complete(server, "alpha-r4", PROMPTS[0])
+    assert status == 200 and tokens == reference(server.catalog / "alpha-r4", PROMPTS[0])
+
+
+def _residency(server):
+    """{adapter name: labels} of vllm:lora_adapter_loaded, and the other LoRA gauges, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    loaded, values = {}, {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:lora_adapter_loaded":
+                assert sample.value == 1.0
+                loaded[sample.labels["adapter_name"]] = sample.labels
+            elif sample.name.startswith(("vllm:num_", "vllm:max_gpu", "vllm:lora_adapter_load_seconds",
+                                         "loraplex_host_cache")):
+                values[sample.name + ("" if "le" not in sample.labels else "{" + sample.labels["le"] + "}")] = \
+                    sample.value
+    return loaded, values
+
+
+def test_residency_metrics_follow_loads_evictions_pins_and_unloads(server):
+    loaded, values = _residency(server)
+    assert values["vllm:max_gpu_lora_adapters"] == 2
+    assert loaded["beta-r8"]["pinned"] == "true"  # LORAPLEX_PIN_ADAPTERS: resident before any request for it
+    # two GPU slots: alpha, then gamma, then beta leaves alpha in host memory only
+    for name in ("alpha-r4", "gamma-r16", "beta-r8"):
+        assert _complete(server, name, PROMPTS[0])[0] == 200
+    loaded, values = _residency(server)
+    assert {n: loaded[n]["level"] for n in ("alpha-r4", "gamma-r16", "beta-r8")} == {
+        "alpha-r4": "cpu", "gamma-r16": "gpu", "beta-r8": "gpu"}
+    assert loaded["beta-r8"]["pinned"] == "true" and loaded["gamma-r16"]["pinned"] == "false"
+    assert loaded["gamma-r16"]["rank"] == "16" and loaded["alpha-r4"]["rank"] == "4"
+    assert values["vllm:num_gpu_loaded_lora_adapters"] == 2
+    assert values["vllm:num_cpu_loaded_lora_adapters"] == len(loaded) - 2
+    assert values["vllm:lora_adapter_load_seconds_count"] >= 3
+    assert values["loraplex_host_cache_entries"] >= 3 and values["loraplex_host_cache_pinned"] >= 1
+    # unloading frees every tier: the series is gone, a GPU slot is free
+    status, body = _http(server.url + "/v1/unload_lora_adapter", {"lora_name": "gamma-r16"})
+    assert status == 200, body
+    loaded, values = _residency(server)
+    assert "gamma-r16" not in loaded and values["vllm:num_gpu_loaded_lora_adapters"] == 1
+    status, tokens = _complete(server, "gamma-r16", PROMPTS[1])  # and it comes back on request
+    assert status == 200
+    assert _residency(server)[0]["gamma-r16"]["level"] == "gpu"
