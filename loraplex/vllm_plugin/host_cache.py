@@ -86,6 +86,10 @@ class HostAdapterCache:
         with self._lock:
             return key in self._ready
 
+    def is_loading(self, key) -> bool:
+        with self._lock:
+            return key in self._loading
+
     # ---- policy --------------------------------------------------------------------------------
     def pin(self, key: Hashable) -> None:
         """Never evict key (it may still be loading; pins survive until unpin/discard)."""

@@ -11,6 +11,7 @@ What it installs:
   resolver        CatalogLoRAResolver in vLLM's LoRAResolverRegistry
   serving         OpenAIServingModels wraps (listing, deterministic ids), when the server imports it
   worker_manager  LoraplexWorkerLoRAManager, when the model runner's module is imported
+  prefetch        the engine core announces queued requests' adapters to the workers (prefetch.py)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def wanted_parts(environ=None) -> set[str]:
         parts.add("kernels")
     if catalog:
         parts |= {"resolver", "serving", "worker_manager"}
+        from .prefetch import enabled
+
+        if enabled(environ):
+            parts.add("prefetch")
     return parts
 
 
@@ -193,8 +198,14 @@ def install_worker_manager() -> None:
     after_import(MIXIN_MODULE, patch)
 
 
+def install_prefetch() -> None:
+    from .prefetch import CORE_MODULE, patch_engine_core
+
+    after_import(CORE_MODULE, patch_engine_core)
+
+
 _INSTALLERS = {"kernels": install_kernels, "resolver": install_resolver, "serving": install_serving,
-               "worker_manager": install_worker_manager}
+               "worker_manager": install_worker_manager, "prefetch": install_prefetch}
 
 
 def unregister() -> None:
@@ -220,12 +231,16 @@ def unregister() -> None:
             from .serving_patch import unpatch_serving_models
 
             unpatch_serving_models()
+        from .prefetch import CORE_MODULE, unpatch_engine_core
+
+        unpatch_engine_core()
         from . import _hooks
 
         with _hooks._lock:
             _hooks._pending.pop(SERVING_MODULE, None)
             _hooks._pending.pop(MIXIN_MODULE, None)
             _hooks._pending.pop(METRICS_MODULE, None)
+            _hooks._pending.pop(CORE_MODULE, None)
         _installed.clear()
 
 

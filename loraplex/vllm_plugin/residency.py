@@ -93,7 +93,7 @@ class ResidencyReporter:
             "max_gpu": am.lora_slots,
             "adapters": [{"name": n, "level": lv, "pinned": p, "rank": r}
                          for n, (lv, p, r) in sorted(adapters.items())],
-            "host": m._host.stats(),
+            "host": {**m._host.stats(), "queue_prefetches": m.queue_prefetches},
             "load_seconds": self.load_times.state(),
         }
 

@@ -9,6 +9,7 @@ residency scorer), under the names proposed upstream (vLLM #51433 / #54830 / #54
   vllm:lora_adapter_load_seconds                    histogram: storage -> adapter ready in host memory
   loraplex_host_cache_{bytes,max_bytes,entries,pinned,loading}, loraplex_host_cache_{hits,misses,
   loads,evictions,failures}_total                   the host cache under vLLM's
+  loraplex_queue_prefetches_total                   loads started for queued requests (prefetch.py)
 
 A collector reads the snapshots the workers write (residency.py) at every scrape.
 """
@@ -80,6 +81,8 @@ class ResidencyCollector:
             yield GaugeMetricFamily(f"loraplex_host_cache_{key}", help_text, value=host.get(key) or 0)
         for key in ("hits", "misses", "loads", "evictions", "failures"):
             yield CounterMetricFamily(f"loraplex_host_cache_{key}", f"Host cache {key}", value=host.get(key, 0))
+        yield CounterMetricFamily("loraplex_queue_prefetches", "Adapter loads started for requests still waiting "
+                                  "in the scheduler", value=host.get("queue_prefetches", 0))
 
 
 def register_collector(registry, directory: str | None = None) -> None:

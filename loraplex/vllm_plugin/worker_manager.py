@@ -98,6 +98,8 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
         self._residency = ResidencyReporter(self)
+        self._ahead: dict[tuple, int] = {}  # host cache key -> bytes, prefetched for queued requests
+        self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
 
     def create_lora_manager(self, *args, **kwargs):
         model = super().create_lora_manager(*args, **kwargs)
@@ -169,6 +171,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)
+        self._ahead.pop(key, None)  # a prefetched adapter is in use now
         lora = self._host.get(key, lora_request)
         if lora.id != lora_request.lora_int_id:
             lora = lora.clone(lora_request.lora_int_id)  # shares the tensors
@@ -292,6 +295,37 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         future.add_done_callback(lambda _: self._residency.publish())  # an idle engine reports it too
         return future
 
+    def prefetch_queued(self, lora_requests) -> int:
+        """Start loading the adapters of requests waiting in the scheduler (prefetch.py) into the host
+        cache. Adapters prefetched but not yet used take at most half its byte budget. Returns how
+        many loads were started."""
+        held = self.list_adapters()
+        ahead = {k: n for k, n in self._ahead.items() if k in self._host or self._host.is_loading(k)}
+        budget = self._host.max_bytes // 2 - sum(ahead.values())
+        started = 0
+        for req in lora_requests:
+            key = self._key(req)
+            if (req.lora_int_id in held and self._keys.get(req.lora_int_id) == key) or key in ahead \
+                    or key in self._host or self._host.is_loading(key):
+                continue
+            size = self._size_estimate(req)
+            if size > budget:
+                break
+            self._host.prefetch(key, req)
+            ahead[key] = size
+            budget -= size
+            started += 1
+        self._ahead = ahead
+        self.queue_prefetches += started
+        return started
+
+    def _size_estimate(self, req) -> int:
+        """Bytes the adapter will take in the host cache (its weight file's size, for catalog ones)."""
+        try:
+            return int(self._require_catalog().get(req.lora_name).size_bytes)
+        except Exception:  # noqa: BLE001 - not a catalog adapter: count it as large, to stay in budget
+            return self._host.max_bytes // 8
+
     def load_multiple_adapters(self, names) -> dict[str, int]:
         """Load catalog adapters in parallel and register them in vLLM's CPU cache (no GPU slot yet).
         Returns name -> lora id."""
@@ -342,6 +376,7 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             "cpu_capacity": manager.capacity,
             "cpu_used": self.cpu_cache_size,
             "host": self._host.stats(),
+            "queue_prefetches": self.queue_prefetches,
         }
 
 

@@ -35,7 +35,7 @@ def engine(tiny_model_dir, adapter_source, tmp_path_factory):
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     vllm_plugin.unregister()
     # vLLM loads plugins once per process, maybe before this env existed: register explicitly.
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager"}
+    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
     from vllm import LLM
 
     llm = LLM(model=tiny_model_dir, enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=16,

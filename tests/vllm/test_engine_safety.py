@@ -35,7 +35,7 @@ def engine(tiny_model_dir, adapter_source, tmp_path_factory):
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     vllm_plugin.unregister()
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager"}
+    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
     from vllm import LLM
 
     llm = LLM(model=tiny_model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2,
@@ -107,7 +107,6 @@ def test_republished_adapter_never_reuses_old_kv(engine, tmp_path):
 
 
 def test_nan_adapter_is_refused_and_harms_no_one(engine, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     from loraplex.errors import InvalidAdapter
@@ -133,3 +132,28 @@ def test_nan_adapter_is_refused_and_harms_no_one(engine, tmp_path):
         src = None if name is None else engine.catalog / name
         for prompt in (SHORT, LONG):
             assert _run(engine, name, prompt)[0] == hf_greedy(engine.model, src, prompt, GEN), (name, prompt)
+
+
+def test_queued_requests_adapters_load_before_they_are_scheduled(engine, tmp_path):
+    """Two GPU slots, five new adapters: three requests wait in the scheduler while two run. Their
+    adapters are announced when they enter the queue and loaded into the host cache meanwhile, so
+    the steps that schedule them find them ready instead of waiting for storage."""
+    from vllm import SamplingParams
+
+    from loraplex.vllm_plugin import lora_request
+
+    sources = ["alpha-r4", "beta-r8", "gamma-r16", "alpha-r4", "gamma-r16"]
+    names = [f"queued-{i}" for i in range(len(sources))]
+    for name, src in zip(names, sources, strict=True):
+        _publish(engine, engine.catalog / src, name, tmp_path)
+    before = _manager(engine, "cache_sizes")
+    sp = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True)
+    outs = engine.llm.generate([{"prompt_token_ids": SHORT}] * len(names), sp,
+                               lora_request=[lora_request(n) for n in names], use_tqdm=False)
+    after = _manager(engine, "cache_sizes")
+    for out, src in zip(outs, sources, strict=True):
+        assert list(out.outputs[0].token_ids) == hf_greedy(engine.model, engine.catalog / src, SHORT, GEN)
+    assert after["queue_prefetches"] - before["queue_prefetches"] == len(names)
+    assert after["host"]["loads"] - before["host"]["loads"] == len(names)  # each read from storage once
+    # at most the first step's two adapters can still be in flight when their step starts
+    assert after["host"]["misses"] - before["host"]["misses"] <= 2

@@ -40,9 +40,10 @@ def test_wanted_parts():
     assert wanted_parts({}) == set()
     assert wanted_parts({"LORAPLEX_ENABLE": "1"}) == {"kernels"}
     assert wanted_parts({"LORAPLEX_ENABLE": "0"}) == set()
-    assert wanted_parts({"LORAPLEX_CATALOG": "/x"}) == {"kernels", "resolver", "serving", "worker_manager"}
-    assert wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_KERNELS": "0"}) == {"resolver", "serving",
-                                                                               "worker_manager"}
+    assert wanted_parts({"LORAPLEX_CATALOG": "/x"}) == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
+    assert wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_KERNELS": "0"}) == {
+        "resolver", "serving", "worker_manager", "prefetch"}
+    assert "prefetch" not in wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_QUEUE_PREFETCH": "0"})
 
 
 @pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.33.1", True), ("0.32.0+cpu", True),
@@ -194,7 +195,7 @@ def test_register_installs_the_resolver(clean_plugin, catalog_dir):
 
     clean_plugin.setenv("LORAPLEX_CATALOG", str(catalog_dir))
     clean_plugin.setenv("LORAPLEX_KERNELS", "0")
-    assert vllm_plugin.register() == {"resolver", "serving", "worker_manager"}
+    assert vllm_plugin.register() == {"resolver", "serving", "worker_manager", "prefetch"}
     resolver = LoRAResolverRegistry.get_resolver("loraplex")
     assert _resolve(resolver, "beta-r8").lora_name == "beta-r8"
     req = vllm_plugin.lora_request("gamma-r16")

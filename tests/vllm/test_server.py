@@ -231,7 +231,7 @@ def _residency(server):
                 assert sample.value == 1.0
                 loaded[sample.labels["adapter_name"]] = sample.labels
             elif sample.name.startswith(("vllm:num_", "vllm:max_gpu", "vllm:lora_adapter_load_seconds",
-                                         "loraplex_host_cache")):
+                                         "loraplex_host_cache", "loraplex_queue")):
                 values[sample.name + ("" if "le" not in sample.labels else "{" + sample.labels["le"] + "}")] = \
                     sample.value
     return loaded, values
@@ -253,6 +253,7 @@ def test_residency_metrics_follow_loads_evictions_pins_and_unloads(server):
     assert values["vllm:num_cpu_loaded_lora_adapters"] == len(loaded) - 2
     assert values["vllm:lora_adapter_load_seconds_count"] >= 3
     assert values["loraplex_host_cache_entries"] >= 3 and values["loraplex_host_cache_pinned"] >= 1
+    assert values["loraplex_queue_prefetches_total"] >= 0  # reported (its effect: test_engine_safety, bench)
     # unloading frees every tier: the series is gone, a GPU slot is free
     status, body = _http(server.url + "/v1/unload_lora_adapter", {"lora_name": "gamma-r16"})
     assert status == 200, body
