@@ -43,7 +43,7 @@ def _short_version(v: str) -> str:
 
 def _targets(spec) -> str:
     t = spec.target_modules
-    return t if isinstance(t, str) else ",".join(t)
+    return t if isinstance(t, str) else ",".join(sorted(t))
 
 
 def _alpha(a: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -39,11 +40,16 @@ def build_tokenizer(vocab_size=256):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # The alphabet is printable ASCII, not all 256 byte symbols: with those and the 4 special tokens
+    # the vocabulary would outgrow a 256-token model (ids its embedding does not have).
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(string.printable)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False,
+        initial_alphabet=sorted({c for piece, _ in pieces for c in piece}),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens for a {vocab_size}-token model")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>")
 
