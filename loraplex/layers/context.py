@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LaunchError
 from ..runtime.plan import PlanBuffers
+from .overlap import SideStream, overlap_from_env
 
 
 class LoraContext:
@@ -25,9 +26,12 @@ class LoraContext:
     static buffers (what a captured CUDA graph needs), filled by one small H2D copy in set()."""
 
     def __init__(self, max_tokens: int, max_loras: int, max_rank: int, device, max_slices: int = 3,
-                 delta_rows: int = 256):
+                 delta_rows: int = 256, overlap: bool | None = None):
         self.max_tokens = max_tokens
         self.device = torch.device(device)
+        # LoRA shrink concurrent with the base GEMM (overlap.py); None: LORAPLEX_OVERLAP decides
+        self.side = SideStream(self.device) if (overlap_from_env() if overlap is None else overlap) else None
+        self.pending = None  # overlap: (group, input, x rows, h, plan) of a shrink issued, not yet expanded
         self.plan = None
         self.step_id = 0
         self.buffer = torch.empty(max_slices, max_tokens, max_rank, dtype=torch.float32, device=self.device)
@@ -47,6 +51,7 @@ class LoraContext:
         self.plan = plan
         self.step_id += 1
         self.delta = None
+        self.pending = None
         self._row_plan = None
         self._last_index = None
         if plan is not None and tokens_per_request is not None:
@@ -63,6 +68,10 @@ class LoraContext:
             else:
                 self._last_index_buf[:n].numpy()[:] = ends
             self._last_index = self._last_index_buf[:n]
+
+    def shrink_out(self, n_slices: int, rows: int, R: int) -> torch.Tensor:
+        """The fp32 shrink output [n_slices, rows, R] for a layer of padded rank R: a view of the scratch."""
+        return self.buffer[:n_slices, :rows, :R]
 
     def reserve_delta(self, width: int, dtype) -> None:
         """Make the delta scratch hold delta_rows x `width` of `dtype` (called as groups are created,

@@ -35,10 +35,12 @@ class LoraModel:
             yield plan
 
 
-def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens: int | None = None) -> LoraModel:
+def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens: int | None = None,
+           overlap: bool | None = None) -> LoraModel:
     """Wrap every module of `model` whose name ends in one of `target_modules` (nn.Linear or
     nn.Embedding). Module paths are the ones PEFT uses, so adapters' weights map onto them directly;
-    an adapter that targets fewer modules leaves the others at zero."""
+    an adapter that targets fewer modules leaves the others at zero. overlap: run each LoRA shrink on
+    a second CUDA stream under the base GEMM (layers/overlap.py; None: $LORAPLEX_OVERLAP)."""
     cfg = runtime.config
     max_tokens = max_tokens or getattr(cfg, "max_num_tokens", 8192)
     wanted = set(target_modules)
@@ -50,7 +52,7 @@ def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens
     if not found:
         raise ValueError(f"inject: no module of the model matches target_modules={sorted(wanted)}")
     device = next(iter(found.values())).weight.device
-    ctx = LoraContext(max_tokens, cfg.max_loras, cfg.max_rank, device)
+    ctx = LoraContext(max_tokens, cfg.max_loras, cfg.max_rank, device, overlap=overlap)
     targets = []
     done = set()
     for path, mod in found.items():

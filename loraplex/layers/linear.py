@@ -27,14 +27,22 @@ class LoraLinear(nn.Module):
         self.context = context
 
     def forward(self, x):
-        y = self.base(x)
-        ctx = self.context
-        plan = ctx.plan_for_rows(x.numel() // x.shape[-1], self.target.name)
+        ctx, t = self.context, self.target
+        rows = x.numel() // x.shape[-1]
+        plan = ctx.plan_for_rows(rows, t.name)
         if plan is None:
+            return self.base(x)
+        x2 = _rows(x).contiguous()
+        if ctx.side is None:
+            y = self.base(x)
+            # nn.Linear's output is freshly allocated and contiguous: the view aliases it
+            ops.add_lora_linear(y.view(-1, y.shape[-1]), x2, t.A, t.B, plan, t.ranks, ctx.buffer)
             return y
-        t = self.target
-        # nn.Linear's output is freshly allocated and contiguous: the view aliases it
-        ops.add_lora_linear(y.view(-1, y.shape[-1]), _rows(x).contiguous(), t.A, t.B, plan, t.ranks, ctx.buffer)
+        h = ctx.shrink_out(len(t.A), rows, t.A[0].shape[1])
+        ctx.side.shrink(x2, t.A, plan, h, t.ranks)  # concurrent with the base GEMM (overlap.py)
+        y = self.base(x)
+        ctx.side.join()
+        ops.sgmv_expand(h, t.B, plan, y.view(-1, y.shape[-1]), True, t.ranks)
         return y
 
 
@@ -52,6 +60,7 @@ class LoraSliceLinear(nn.Module):
         self.index = index
 
     def forward(self, x):
+        self.group.start(x)  # with overlap: the group's shrink runs under this base GEMM
         y = self.base(x)
         delta = self.group.delta(x, self.index)
         if delta is None:
@@ -81,8 +90,36 @@ class SliceGroup:
         cached = ctx.delta
         if cached is not None and cached[0] is self and cached[1] is x:
             return cached[2][:, lo:hi]
-        x2 = _rows(x).contiguous()
-        d = ctx.delta_buffer(x2.shape[0], t.out_features, x.dtype, x.device)
-        ops.add_lora_linear(d, x2, t.A, t.B, plan, t.ranks, ctx.buffer)
+        pending = ctx.pending
+        if pending is not None and pending[0] is self and pending[1] is x:
+            _, _, x2, h, plan = pending
+            ctx.pending = None
+            ctx.side.join()
+            d = ctx.delta_buffer(x2.shape[0], t.out_features, x.dtype, x.device)
+            ops.sgmv_expand(h, t.B, plan, d, True, t.ranks)
+        else:
+            x2 = _rows(x).contiguous()
+            d = ctx.delta_buffer(x2.shape[0], t.out_features, x.dtype, x.device)
+            ops.add_lora_linear(d, x2, t.A, t.B, plan, t.ranks, ctx.buffer)
         ctx.delta = (self, x, d)
         return d[:, lo:hi]
+
+    def start(self, x) -> None:
+        """With overlap on: issue the group's shrink on the side stream, once per input."""
+        ctx, t = self.context, self.target
+        if ctx.side is None:
+            return
+        cached, pending = ctx.delta, ctx.pending
+        if (cached is not None and cached[0] is self and cached[1] is x) or (
+                pending is not None and pending[0] is self and pending[1] is x):
+            return
+        rows = x.numel() // x.shape[-1]
+        plan = ctx.plan_for_rows(rows, t.name)
+        if plan is None:
+            return
+        if pending is not None:  # another group's shrink never expanded (its layer was skipped): wait for it
+            ctx.side.join()
+        x2 = _rows(x).contiguous()
+        h = ctx.shrink_out(len(t.A), rows, t.A[0].shape[1])
+        ctx.side.shrink(x2, t.A, plan, h, t.ranks)
+        ctx.pending = (self, x, x2, h, plan)

@@ -12,6 +12,7 @@ What it installs:
   serving         OpenAIServingModels wraps (listing, deterministic ids), when the server imports it
   worker_manager  LoraplexWorkerLoRAManager, when the model runner's module is imported
   prefetch        the engine core announces queued requests' adapters to the workers (prefetch.py)
+  overlap         LORAPLEX_OVERLAP=1 on CUDA: LoRA shrink under the base GEMM (overlap.py)
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def wanted_parts(environ=None) -> set[str]:
     parts = set()
     if (catalog or _truthy(environ.get(ENV_ENABLE, ""))) and not _falsy(environ.get(ENV_KERNELS, "1")):
         parts.add("kernels")
+    if "kernels" in parts:
+        from .overlap import wanted
+
+        if wanted(environ):
+            parts.add("overlap")
     if catalog:
         parts |= {"resolver", "serving", "worker_manager"}
         from .prefetch import enabled
@@ -198,6 +204,12 @@ def install_worker_manager() -> None:
     after_import(MIXIN_MODULE, patch)
 
 
+def install_overlap() -> None:
+    from .overlap import install
+
+    install()
+
+
 def install_prefetch() -> None:
     from .prefetch import CORE_MODULE, patch_engine_core
 
@@ -205,7 +217,7 @@ def install_prefetch() -> None:
 
 
 _INSTALLERS = {"kernels": install_kernels, "resolver": install_resolver, "serving": install_serving,
-               "worker_manager": install_worker_manager, "prefetch": install_prefetch}
+               "worker_manager": install_worker_manager, "prefetch": install_prefetch, "overlap": install_overlap}
 
 
 def unregister() -> None:

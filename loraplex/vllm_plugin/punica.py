@@ -238,6 +238,29 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
             self._expand(h, B, plan, target, add, ranks)
         return y
 
+    def lora_shrink(self, x, lora_a_stacked, scale=1.0):
+        """The first half of add_lora_linear, for running it on another stream (overlap.py): h = scale *
+        x @ A_s^T into the shared fp32 scratch. None when no row has an adapter."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if self._skip("token"):
+            return None
+        A = [_slots_view(a) for a in lora_a_stacked]
+        x2 = x2.to(A[0].dtype)
+        h = self._shrink_out(len(A), x2.shape[0], A[0].shape[1], x2.device)
+        ops.sgmv_shrink(x2, A, self._plan("token", x2.shape[0]), h, scale, self._ranks(A[0].shape[1]))
+        return h
+
+    def lora_expand(self, y, h, lora_b_stacked, output_slices):
+        """The second half: y[t] += concat_s(h[s, t] @ B_s[slot]^T) (rows without an adapter untouched)."""
+        y2 = y.view(-1, y.shape[-1])
+        B = [_slots_view(b) for b in lora_b_stacked]
+        widths = [b.shape[1] for b in B]
+        if list(output_slices) != widths:
+            raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths {widths}")
+        plan = self._plan("token", y2.shape[0])
+        self._expand(h, B, plan, y2[:, :sum(widths)], True, self._ranks(B[0].shape[2]))
+        return y
+
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
         """y[t] (+)= x[t] @ B[slot]^T, x being the A rows vLLM's embedding layer gathered per token."""
         if self._skip("token"):
