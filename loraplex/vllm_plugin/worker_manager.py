@@ -114,16 +114,15 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _pin_from_env(self) -> None:
         """LORAPLEX_PIN_ADAPTERS: load these catalog adapters now and keep them in the host cache and
-        vLLM's CPU cache (not in a GPU slot: vLLM's scheduler does not count pinned slots)."""
-        from ..errors import LoraplexError
-
+        vLLM's CPU cache (not in a GPU slot: vLLM's scheduler does not count pinned slots). They count
+        against --max-cpu-loras; one that cannot be pinned is logged and skipped."""
         for name in filter(None, (n.strip() for n in os.environ.get(ENV_PIN, "").split(","))):
             try:
                 req = self._request_for(name)
                 self._host.pin(self._key(req))
                 self.load_multiple_adapters([name])
                 self._adapter_manager._pin_lora_in_cpu_cache(req.lora_int_id)
-            except LoraplexError as e:
+            except Exception as e:  # noqa: BLE001 - a pin is an optimization: never stop the engine for one
                 log.warning("loraplex: cannot pin adapter '%s' (%s): %s", name, ENV_PIN, e)
 
     # ---- loading ---------------------------------------------------------------------------------
