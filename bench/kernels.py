@@ -57,7 +57,8 @@ class Case:
         self.x = torch.randn(T, K, generator=gd, device=device).to(dtype)
         self.y0 = torch.randn(T, sum(widths), generator=gd, device=device).to(dtype)
         self.y = self.y0.clone()
-        self.plan = PlanBuffers(T, SLOTS, device).build(self.tok, self.ranks, max_active=D)
+        # the grid bound a captured graph must use (all SLOTS slots), as serving does, not this case's D
+        self.plan = PlanBuffers(T, SLOTS, device).build(self.tok, self.ranks)
         self.scratch = torch.empty(len(widths), T, R, dtype=torch.float32, device=device)
 
     def floor_bytes(self) -> int:
@@ -79,13 +80,14 @@ def loraplex_alt_fn(c):
     from loraplex.kernels.sgmv_fused import run as fused
     from loraplex.kernels.sgmv_shrink import run as shrink
 
-    meta = (*plan_tensors(c.plan, c.ranks), c.plan.max_active)
-    if ops.use_fused(c.T, c.x.device):
+    meta = plan_tensors(c.plan, c.ranks)
+    ma = c.plan.max_active
+    if ops.use_fused(c.T, c.x.device, c.R):
         def fn():
-            shrink(c.x, c.A, c.scratch, *meta, 1.0)
-            expand(c.scratch, c.B, c.y, *meta, True)
+            shrink(c.x, c.A, c.scratch, *meta, c.plan.split_partials, c.plan.split_counters, ma, 1.0)
+            expand(c.scratch, c.B, c.y, *meta, ma, True)
         return "loraplex_unfused", fn
-    return "loraplex_fused", lambda: fused(c.y, c.x, c.A, c.B, *meta, 1.0)
+    return "loraplex_fused", lambda: fused(c.y, c.x, c.A, c.B, *meta, ma, 1.0)
 
 
 def torch_loop_fn(c):

@@ -65,7 +65,8 @@ class Loraplex(Base):
 
     def prepare(self, tok, D):
         ranks = next(iter(self.targets.values())).ranks
-        self.ctx.set(self.buffers.build(tok, ranks, max_active=D))
+        # graph-safe grid bound (every slot), as serving builds plans for capture; not this case's D
+        self.ctx.set(self.buffers.build(tok, ranks))
 
 
 class _VllmLinear(nn.Module):

@@ -45,11 +45,22 @@ def shape(op, name, t, expected):
         _fail(op, f"{name} must have shape {want}, got {list(got)}")
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def plan(op, p, num_tokens, device):
     if p.num_tokens != num_tokens:
         _fail(op, f"the plan was built for {p.num_tokens} tokens but the activations have {num_tokens} rows")
     if p.device != device:
         _fail(op, f"the plan is on {p.device} but the tensors are on {device}")
+    if getattr(p, "tiles", None) is None:
+        _fail(op, "the plan has no work list (build it with PlanBuffers.build)")
+    # A graph replays the grid sized at capture: bounded by this step's adapters, it would silently skip
+    # the tokens of any adapter beyond them in a later plan written into the same buffers.
+    if p.max_active < p.max_loras and _capturing():
+        _fail(op, f"a CUDA graph is being captured with a plan bounded to {p.max_active} of {p.max_loras} slots; "
+                  "build plans for capture with max_active=None (Runtime.plan(..., static=True) does)")
 
 
 def ranks(op, r, p, device):

@@ -1,10 +1,16 @@
 """Pieces shared by the kernel modules: the plan's tensors as launch arguments, the interpreter
-work-around flags, and @triton.jit helpers (inlined by Triton: no call overhead) for the segment
-prologue, a slice's base pointer and the x @ A^T tile of shrink and fused.
+work-around flags, programmatic dependent launch (PDL) support, and @triton.jit helpers (inlined by
+Triton: no call overhead) for a program's work-list prologue, a slice's base pointer and the
+x @ A^T tile loop of shrink and fused.
+
+Every kernel reads the plan's per-tile work list (kernels/tiles.py): one record load gives a program
+its slot, its rows of the sorted tokens and their count; the rank comes from the rank vector, clamped
+to the padded rank R so that no rank value can make a kernel read past a slot's rows.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..errors import LaunchError
+from .tiles import tile_index
 
 # Read once at import, as Triton reads it when the kernels are defined (set it before importing).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,8 +45,16 @@ def require_launchable(device) -> None:
 
 def plan_tensors(plan, ranks):
     """The plan's device tensors in the order every kernel and custom op takes them."""
-    return (plan.sorted_token_ids, plan.slot_start, plan.slot_count, plan.active_slots, plan.num_active,
-            plan.slot_ranks if ranks is None else ranks)
+    return (plan.sorted_token_ids, plan.tiles, plan.n_tiles, plan.slot_ranks if ranks is None else ranks)
+
+
+def tile_list(tiles, n_tiles, block_m):
+    """(records [NT, 4], count [1]) of the plan's work list for BLOCK_M (views: nothing is copied)."""
+    try:
+        i = tile_index(block_m)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    return tiles[i], n_tiles[i:i + 1]
 
 
 def grid_dim(n: int) -> int:
@@ -47,6 +62,76 @@ def grid_dim(n: int) -> int:
     if n > 65535:
         raise ValueError(f"grid dimension {n} exceeds 65535")
     return n
+
+
+# ---- programmatic dependent launch ------------------------------------------------------------
+@functools.cache
+def pdl_available() -> bool:
+    """This Triton can emit griddepcontrol and launch with the PDL attribute (3.6 and 3.9 can)."""
+    if INTERPRET:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.cache
+def _capability(index) -> int:
+    try:
+        major, minor = torch.cuda.get_device_capability(index)
+    except Exception:  # noqa: BLE001 - no driver: no PDL
+        return 0
+    return 10 * major + minor
+
+
+def use_pdl(cfg, device) -> bool:
+    """PDL for this launch: asked for by the config, on a CUDA device of sm_90 or later, and supported
+    by the installed Triton. Never under the interpreter."""
+    return (bool(cfg.get("PDL", False)) and device.type == "cuda" and pdl_available()
+            and _capability(device.index) >= 90)
+
+
+# In the kernels, under `if USE_PDL:` (a constexpr: pruned when off, and never a call under the
+# interpreter): tl.extra.cuda.gdc_wait() before the first read of anything the previous kernel may have
+# written (activations, weights, y, the split-K scratch); before it a program reads only plan metadata
+# (work list, token ids, ranks). PlanBuffers.build ends with a fence launch, so the kernel right before
+# a LoRA launch is never the one that wrote that metadata. gdc_launch_dependents() once a program's
+# streaming is done lets the next kernel start its own metadata prologue.
+def launch_options(cfg, pdl: bool) -> dict:
+    """num_warps / num_stages, plus launch_pdl only when on (older Triton has no such option)."""
+    opts = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if pdl:
+        opts["launch_pdl"] = True
+    return opts
+
+
+# ---- work-list prologue -------------------------------------------------------------------------
+@triton.jit
+def tile_meta(tiles_ptr, t):
+    """Slot, first index into the sorted token ids, and row count of work tile t (rows 0: no work).
+    Three loads from one 16-byte record: one round trip."""
+    rec = tiles_ptr + t * 4
+    return tl.load(rec), tl.load(rec + 1), tl.load(rec + 2)
+
+
+@triton.jit
+def slot_rank(ranks_ptr, slot, R):
+    """The slot's real rank, clamped to [0, R]: a rank vector with larger values (a bug elsewhere, or
+    ranks meant for wider weights) must not make a kernel read past the slot's R rows."""
+    return tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+
+
+@triton.jit
+def tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M: tl.constexpr):
+    """Row mask (row < rows) and int64 token ids of the tile's BLOCK_M rows; masked rows read token 0
+    (valid memory) and are masked again wherever their data is loaded or stored."""
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < rows
+    tok = tl.load(sorted_ids_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return mask_m, tok
 
 
 @triton.jit
@@ -64,47 +149,23 @@ def pick_slice(sid, p0, p1, p2, NUM_SLICES: tl.constexpr):
     return p
 
 
-# The segment prologue of every kernel, in two helpers because the kernels exit early between them
-# (a jit helper cannot return from its caller) and loads must not move above those exits.
-# Grid convention shared by all kernels: axis 1 = token block within a slot's segment, axis 2 =
-# index into active_slots.
 @triton.jit
-def segment_slot(pid_a, pid_m, active_ptr, slot_count_ptr, BLOCK_M: tl.constexpr):
-    """Slot of active index `pid_a`, its token count, and the first row of token block `pid_m`
-    within its segment. Only for pid_a < num_active; the caller returns when m0 >= count."""
-    slot = tl.load(active_ptr + pid_a)
-    count = tl.load(slot_count_ptr + slot)
-    m0 = pid_m * BLOCK_M
-    return slot, count, m0
-
-
-@triton.jit
-def segment_tokens(slot, count, m0, sorted_ids_ptr, slot_start_ptr, BLOCK_M: tl.constexpr):
-    """Row mask (rows < count) and int64 token ids of the block's BLOCK_M rows of the slot's segment."""
-    start = tl.load(slot_start_ptr + slot)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    # rows past the segment read token 0 (always valid memory) and are masked only at the store
-    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
-    return mask_m, tok
-
-
-@triton.jit
-def dot_x_at(acc, x_ptr, stride_xm, tok, a_ptr, slot, offs_r, mask_r, K, R,
+def dot_x_at(acc, x_ptr, stride_xm, tok, mask_m, a_ptr, slot, offs_r, mask_r, K, R, k_lo, k_hi,
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + x[tok, :K] @ A[slot, offs_r, :K]^T over all of K ([BLOCK_M, BLOCK_R], fp32), A being
-    [S, R, K] contiguous. Rows of A outside mask_r are not read (zeros); x is read unmasked along
-    its rows (tok always points at valid memory) and masked along K only when K % BLOCK_K != 0."""
+    """acc + x[tok, K tiles k_lo..k_hi) @ A[slot, offs_r, same K]^T ([BLOCK_M, BLOCK_R], fp32), A being
+    [S, R, K] contiguous. Rows of A outside mask_r and rows of x outside mask_m are not read (zeros:
+    the copy engine zero-fills them without fetching); K is masked only when K % BLOCK_K != 0."""
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    a_ptrs = a_ptr + slot.to(tl.int64) * R * K + offs_r[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    k0 = k_lo * BLOCK_K
+    x_ptrs = x_ptr + tok[:, None] * stride_xm + k0 + offs_k[None, :]
+    a_ptrs = a_ptr + slot.to(tl.int64) * R * K + offs_r[None, :] * K + k0 + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
+    for k in range(k_lo, k_hi):
         if EVEN_K:
-            xt = tl.load(x_ptrs)
+            xt = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             at = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
         else:
             k_left = K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             at = tl.load(a_ptrs, mask=mask_r[None, :] & (offs_k[:, None] < k_left), other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)

@@ -2,8 +2,8 @@
 
 The "shrink" of an embedding is a row gather (A is stored transposed, [S, V, R], so a token's row
 is contiguous), so it is done inside the expand kernel: each program gathers its tokens' A rows
-straight into registers, and no intermediate buffer exists. Grid: (column block of D, token block
-within a slot's segment, active slot index), as in sgmv_expand.
+straight into registers, and no intermediate buffer exists. Grid: (column block of D, work tile), as
+in sgmv_expand; A and B are loaded masked on the padded rank and zeroed past the real rank.
 """
 
 import torch
@@ -11,31 +11,43 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .common import dot_precision, grid_dim, plan_tensors, require_launchable, segment_slot, segment_tokens, upcast
+from .common import (
+    dot_precision,
+    grid_dim,
+    launch_options,
+    plan_tensors,
+    require_launchable,
+    slot_rank,
+    tile_list,
+    tile_meta,
+    tile_tokens,
+    upcast,
+    use_pdl,
+)
 from .config import get as get_config
+from .tiles import tile_bound
 
 
 @triton.jit
 def _lora_embedding_kernel(
     y_ptr, ids_ptr, a_ptr, b_ptr,
-    sorted_ids_ptr, slot_start_ptr, slot_count_ptr, active_ptr, num_active_ptr, ranks_ptr,
+    sorted_ids_ptr, tiles_ptr, ranks_ptr,
     V, D, R,
     stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_a = tl.program_id(2)
-    if pid_a >= tl.load(num_active_ptr):
+    t = tl.program_id(1)
+    slot, first, rows = tile_meta(tiles_ptr, t)
+    if rows <= 0:
         return
-    slot, count, m0 = segment_slot(pid_a, pid_m, active_ptr, slot_count_ptr, BLOCK_M)
-    if m0 >= count:
-        return
-    rank = tl.load(ranks_ptr + slot)
+    rank = slot_rank(ranks_ptr, slot, R)
     if rank == 0:
         return
-    mask_m, tok = segment_tokens(slot, count, m0, sorted_ids_ptr, slot_start_ptr, BLOCK_M)
+    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
+    if USE_PDL:  # the token ids are the model's input, written by whatever ran before
+        tl.extra.cuda.gdc_wait()
     ids = tl.load(ids_ptr + tok, mask=mask_m, other=0).to(tl.int64)
     ok_m = mask_m & (ids >= 0) & (ids < V)  # out-of-vocabulary ids gather zeros: they add nothing
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,15 +58,20 @@ def _lora_embedding_kernel(
     b_ptrs = b_ptr + slot64 * D * R + offs_n[None, :] * R + offs_r[:, None]  # [BLOCK_R, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
-        mask_r = offs_r < rank - r0
-        at = tl.load(a_ptrs, mask=ok_m[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        in_r = offs_r < R - r0  # the padded rank: vectorized loads
+        live = offs_r < rank - r0
+        at = tl.load(a_ptrs, mask=ok_m[:, None] & in_r[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=in_r[:, None] & mask_n[None, :], other=0.0)
+        at = tl.where(live[None, :], at, 0.0)  # padding may hold anything (NaN): never multiply it
+        bt = tl.where(live[:, None], bt, 0.0)
         if UPCAST:
             at = at.to(tl.float32)
             bt = bt.to(tl.float32)
         acc = tl.dot(at, bt, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_R
         b_ptrs += BLOCK_R
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -67,12 +84,10 @@ def run(
     A_emb,         # [S, V, R] contiguous, dtype of y
     B_emb,         # [S, D, R] contiguous, dtype of y
     sorted_ids,    # [>=T] int32
-    slot_start,    # [L] int32
-    slot_count,    # [L] int32
-    active_slots,  # [L] int32
-    num_active,    # [1] int32, device scalar
-    ranks,         # [>=L] int32
-    max_active,    # int, grid bound
+    tiles,         # [len(TILE_SIZES), NT, 4] int32, the plan's work lists
+    n_tiles,       # [len(TILE_SIZES)] int32 (unused: rows 0 marks the records past the real tiles)
+    ranks,         # [>=L] int32 (clamped to R in the kernel)
+    max_active,    # int, host bound on the distinct slots: sizes the grid
     config=None,   # dict of block sizes; None -> kernels/config.py
 ):
     T, D = y.shape
@@ -80,16 +95,18 @@ def run(
     if T == 0 or max_active == 0 or R == 0:
         return
     require_launchable(y.device)
-    cfg = config or get_config("lora_embedding", y.device, T, N=D, R=R)
+    cfg = config or get_config("lora_embedding", y.device, T, N=D, R=R, dtype=y.dtype)
     bm, bn, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_R"]
-    grid = (triton.cdiv(D, bn), grid_dim(triton.cdiv(T, bm)), grid_dim(max_active))
+    recs, _ = tile_list(tiles, n_tiles, bm)
+    pdl = use_pdl(cfg, y.device)
+    grid = (triton.cdiv(D, bn), grid_dim(tile_bound(T, bm, max_active)))
     _lora_embedding_kernel[grid](
         y, token_ids, A_emb, B_emb,
-        sorted_ids, slot_start, slot_count, active_slots, num_active, ranks,
+        sorted_ids, recs, ranks,
         V, D, R,
         y.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, UPCAST=upcast(y.dtype), DOT_PREC=dot_precision(y.dtype),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, UPCAST=upcast(y.dtype), DOT_PREC=dot_precision(y.dtype), USE_PDL=pdl,
+        **launch_options(cfg, pdl),
     )
 
 
@@ -110,15 +127,13 @@ def launch_embedding(
 
 @torch.library.custom_op(
     "loraplex::lora_embedding", mutates_args=("y",),
-    schema="(Tensor(a!) y, Tensor token_ids, Tensor A_emb, Tensor B_emb, Tensor sorted_ids, Tensor slot_start, "
-           "Tensor slot_count, Tensor active_slots, Tensor num_active, Tensor ranks, int max_active) -> ()",
+    schema="(Tensor(a!) y, Tensor token_ids, Tensor A_emb, Tensor B_emb, Tensor sorted_ids, Tensor tiles, "
+           "Tensor n_tiles, Tensor ranks, int max_active) -> ()",
 )
-def lora_embedding_op(y, token_ids, A_emb, B_emb, sorted_ids, slot_start, slot_count, active_slots, num_active,
-                      ranks, max_active):
-    run(y, token_ids, A_emb, B_emb, sorted_ids, slot_start, slot_count, active_slots, num_active, ranks,
-         max_active)
+def lora_embedding_op(y, token_ids, A_emb, B_emb, sorted_ids, tiles, n_tiles, ranks, max_active):
+    run(y, token_ids, A_emb, B_emb, sorted_ids, tiles, n_tiles, ranks, max_active)
 
 
 @lora_embedding_op.register_fake
-def _(y, token_ids, A_emb, B_emb, sorted_ids, slot_start, slot_count, active_slots, num_active, ranks, max_active):
+def _(y, token_ids, A_emb, B_emb, sorted_ids, tiles, n_tiles, ranks, max_active):
     return None

@@ -58,10 +58,11 @@ def sgmv_shrink(x, A, plan, out, scale=1.0, ranks=None):
     from .common import plan_tensors
     from .sgmv_shrink import run
 
+    meta = (*plan_tensors(plan, r), plan.split_partials, plan.split_counters, plan.max_active)
     if _compiling():
-        torch.ops.loraplex.sgmv_shrink(x, list(A), out, *plan_tensors(plan, r), plan.max_active, scale)
+        torch.ops.loraplex.sgmv_shrink(x, list(A), out, *meta, scale)
     else:
-        run(x, A, out, *plan_tensors(plan, r), plan.max_active, scale)
+        run(x, A, out, *meta, scale)
     return out
 
 
@@ -90,11 +91,12 @@ def sgmv_expand(h, B, plan, y, add=True, ranks=None):
     return y
 
 
-def use_fused(num_tokens: int, device) -> bool:
-    """Decode-sized batches go through the fused kernel: there launch latency dominates."""
-    from .config import fused_max_tokens
+def use_fused(num_tokens: int, device, rank: int = 16) -> bool:
+    """Decode-sized batches go through the fused kernel: there launch latency dominates. Its h and B
+    tiles hold the whole rank in registers, so ranks above fused_max_rank take shrink + expand."""
+    from .config import fused_max_rank, fused_max_tokens
 
-    return num_tokens <= fused_max_tokens(device)
+    return num_tokens <= fused_max_tokens(device) and rank <= fused_max_rank(device)
 
 
 def add_lora_linear(y, x, A_list, B_list, plan, ranks=None, buffer=None, scale=1.0):
@@ -115,16 +117,16 @@ def add_lora_linear(y, x, A_list, B_list, plan, ranks=None, buffer=None, scale=1
         return reference.add_lora_linear(y, x, A_list, B_list, plan, r, buffer, scale)
     from .common import plan_tensors
 
+    meta = (*plan_tensors(plan, r), plan.split_partials, plan.split_counters, plan.max_active)
     if _compiling():
-        torch.ops.loraplex.add_lora_linear(y, x, list(A_list), list(B_list), buffer, *plan_tensors(plan, r),
-                                           plan.max_active, scale)
+        torch.ops.loraplex.add_lora_linear(y, x, list(A_list), list(B_list), buffer, *meta, scale)
     else:
-        _add_lora_linear_triton(y, x, A_list, B_list, buffer, *plan_tensors(plan, r), plan.max_active, scale)
+        _add_lora_linear_triton(y, x, A_list, B_list, buffer, *meta, scale)
     return y
 
 
-def _add_lora_linear_triton(y, x, A_list, B_list, buffer, sorted_ids, slot_start, slot_count, active_slots,
-                            num_active, ranks, max_active, scale):
+def _add_lora_linear_triton(y, x, A_list, B_list, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters,
+                            max_active, scale):
     """The Triton path of add_lora_linear on checked arguments: fused for decode-sized batches,
     else shrink into the fp32 scratch then expand."""
     # `from .module import run`, not `from . import module`: the kernel modules share their names
@@ -133,33 +135,32 @@ def _add_lora_linear_triton(y, x, A_list, B_list, buffer, sorted_ids, slot_start
     from .sgmv_fused import run as fused
     from .sgmv_shrink import run as shrink
 
-    meta = (sorted_ids, slot_start, slot_count, active_slots, num_active, ranks, max_active)
-    T, n = x.shape[0], len(A_list)
-    if use_fused(T, x.device):
-        fused(y, x, A_list, B_list, *meta, scale)
+    meta = (sorted_ids, tiles, n_tiles, ranks)
+    T, n, R = x.shape[0], len(A_list), A_list[0].shape[1]
+    if use_fused(T, x.device, R):
+        fused(y, x, A_list, B_list, *meta, max_active, scale)
         return
-    R = A_list[0].shape[1]
     h = torch.empty(n, T, R, dtype=torch.float32, device=x.device) if buffer is None else buffer[:n, :T]
-    shrink(x, A_list, h, *meta, scale)
-    expand(h, B_list, y, *meta, True)
+    shrink(x, A_list, h, *meta, partials, counters, max_active, scale)
+    expand(h, B_list, y, *meta, max_active, True)
 
 
 # One opaque op for the whole update under torch.compile: the fused/unfused choice reads per-GPU
-# config files, which a graph must not trace, and the scratch buffer is declared as mutated.
+# config files, which a graph must not trace, and the scratch buffers are declared as mutated.
 @torch.library.custom_op(
-    "loraplex::add_lora_linear", mutates_args=("y", "buffer"),
+    "loraplex::add_lora_linear", mutates_args=("y", "buffer", "partials", "counters"),
     schema="(Tensor(a!) y, Tensor x, Tensor[] A, Tensor[] B, Tensor(b!)? buffer, Tensor sorted_ids, "
-           "Tensor slot_start, Tensor slot_count, Tensor active_slots, Tensor num_active, Tensor ranks, "
+           "Tensor tiles, Tensor n_tiles, Tensor ranks, Tensor(c!) partials, Tensor(d!) counters, "
            "int max_active, float scale) -> ()",
 )
-def _add_lora_linear_op(y, x, A, B, buffer, sorted_ids, slot_start, slot_count, active_slots, num_active, ranks,
-                        max_active, scale):
-    _add_lora_linear_triton(y, x, A, B, buffer, sorted_ids, slot_start, slot_count, active_slots, num_active,
-                            ranks, max_active, scale)
+def _add_lora_linear_op(y, x, A, B, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters, max_active,
+                        scale):
+    _add_lora_linear_triton(y, x, A, B, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters, max_active,
+                            scale)
 
 
 @_add_lora_linear_op.register_fake
-def _(y, x, A, B, buffer, sorted_ids, slot_start, slot_count, active_slots, num_active, ranks, max_active, scale):
+def _(y, x, A, B, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters, max_active, scale):
     return None
 
 

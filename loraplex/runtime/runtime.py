@@ -245,17 +245,22 @@ class Runtime(SchedulingMixin, FillMixin):
             adapters = {n: (e.key, slots[e.key]) for n, e in entries.items()}
             request_slots = tuple(-1 if n is None else adapters[n][1] for n in names)
             lease.plan_set = self.steps.take_plan_set(static)
-            bp = self._build(lease, request_slots, tokens, n_tokens, len(distinct))
+            bp = self._build(lease, request_slots, tokens, n_tokens, len(distinct), static)
         except BaseException:
             self.steps.release(lease, static)
             raise
         return RuntimePlan(**{f: getattr(bp, f) for f in _PLAN_FIELDS}, adapters=adapters,
                            request_slots=request_slots, lease=lease, static=static)
 
-    def _build(self, lease: Lease, request_slots, tokens, T: int, n_distinct: int) -> BatchPlan:
+    def _build(self, lease: Lease, request_slots, tokens, T: int, n_distinct: int, static: bool) -> BatchPlan:
         """The step's inputs (slot per token, rank per slot) go through one host block of T + L int32,
         written with numpy (no torch op per request); on CUDA one H2D copy into the plan set's static
-        device buffer, then PlanBuffers.build runs on the device without a host sync."""
+        device buffer, then PlanBuffers.build runs on the device without a host sync.
+
+        Kernel grids are sized from the plan's max_active. A static plan is what a CUDA graph captures
+        and later replays with other plans written into the same buffers, so its bound is every slot,
+        not this step's adapter count (which would silently skip the adapters past it on replay; the
+        launchers refuse to be captured with a tighter bound)."""
         ps, L = lease.plan_set, self.config.max_loras
         cuda = self.device.type == "cuda"
         # CUDA: a fresh pinned block per plan. The caching host allocator keeps it until the copy below
@@ -276,7 +281,8 @@ class Runtime(SchedulingMixin, FillMixin):
                 fill = self.pool.slots[i].fill
                 if fill is not None and not fill.ready_on_device():
                     lease.stream.wait_event(fill.upload.done)
-        return ps.buffers.build(src[:T], src[T:], max_active=n_distinct)
+        bound = None if static else n_distinct
+        return ps.buffers.build(src[:T], src[T:], max_active=bound)
 
     def release(self, plan: RuntimePlan) -> None:
         """The step reading `plan` has been issued: its slots come back once it finished."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraplex.kernels import config
+from loraplex.kernels import budget, config, ops
 
 
 def test_cpu_heuristic_needs_no_driver():
@@ -46,4 +46,48 @@ def test_gpu_json_overrides_heuristic(tmp_path, monkeypatch):
 def test_shipped_default_config_is_valid_json():
     data = json.loads((config.CONFIG_DIR / "default.json").read_text())
     assert isinstance(data.get("fused_max_tokens"), int)
-    assert set(data) - {"_comment", "fused_max_tokens"} <= set(config.OPS)
+    assert set(data) - {"_comment", *config.GLOBAL_KEYS} <= set(config.OPS)
+
+
+def test_rank_keys_override_the_class(tmp_path, monkeypatch):
+    (tmp_path / "NVIDIA_H200.json").write_text(json.dumps({
+        "sgmv_expand": {"small": {"BLOCK_N": 64}, "small@r64": {"BLOCK_N": 32, "num_warps": 8}},
+        "fused_max_rank": 64,
+    }))
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(config, "gpu_name", lambda device: "NVIDIA H200")
+    config.load.cache_clear()
+    try:
+        assert config.get("sgmv_expand", "cuda", 64, N=4096, R=16)["BLOCK_N"] == 64
+        r64 = config.get("sgmv_expand", "cuda", 64, N=4096, R=48)  # padded rank 48: the r64 bucket
+        assert r64["BLOCK_N"] == 32 and r64["num_warps"] == 8
+        assert ops.use_fused(4, "cuda", 64) and not ops.use_fused(4, "cuda", 128)
+    finally:
+        config.load.cache_clear()
+
+
+@pytest.mark.parametrize("R", [8, 16, 32, 64, 128, 256, 320, 512])
+def test_every_pick_fits_the_sm90_budget(R):
+    """The estimate behind the heuristic's choices; tests/kernels/test_aot_compile.py checks the
+    compiler's real figures for the same picks."""
+    for op in config.OPS:
+        for T in (1, 16, 64, 256, 2048):
+            for elem in (2, 4):
+                cfg = config.pick(op, "some GPU", T, K=4096, N=14336, R=R, elem=elem)
+                assert budget.fits(op, cfg, R, elem), (op, T, R, cfg)
+                assert cfg["BLOCK_M"] in (16, 32, 64)
+                if op in ("sgmv_expand", "lora_embedding") and cfg["BLOCK_M"] >= 64:
+                    assert cfg["num_stages"] == 1, "wgmma with A in registers must not be pipelined on sm_90"
+                if op == "sgmv_fused":
+                    assert cfg["BLOCK_M"] <= 32 and cfg["BLOCK_R"] >= R
+
+
+def test_fit_shrinks_what_does_not_fit():
+    """The fused kernel at rank 256 with the rank-16 tiles asks for ~280 KB (over the 227 KB of sm_90)."""
+    big = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, BLOCK_R=16, num_warps=4, num_stages=3)
+    assert not budget.fits("sgmv_fused", dict(big, BLOCK_R=256), 256)
+    cfg = budget.fit("sgmv_fused", big, 256)
+    assert budget.fits("sgmv_fused", cfg, 256) and cfg["BLOCK_R"] == 256 and cfg["BLOCK_K"] < 256
+    assert budget.fit("sgmv_expand", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, num_stages=2), 16)["num_stages"] == 1
+    assert budget.fit("sgmv_expand", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, num_stages=2), 16, arch=80)[
+        "num_stages"] == 2

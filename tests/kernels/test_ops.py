@@ -115,8 +115,8 @@ def test_opcheck_shrink():
 
     slots, ranks, plan, x, A, _, _ = _linear_data(5, dtype=torch.float32, widths=(8,))
     out = torch.zeros(1, 5, 16)
-    args = (x, A, out, plan.sorted_token_ids, plan.slot_start, plan.slot_count, plan.active_slots, plan.num_active,
-            ranks, plan.max_active, 1.0)
+    args = (x, A, out, plan.sorted_token_ids, plan.tiles, plan.n_tiles, ranks, plan.split_partials,
+            plan.split_counters, plan.max_active, 1.0)
     torch.library.opcheck(torch.ops.loraplex.sgmv_shrink.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
