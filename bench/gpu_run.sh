@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU session's one call: GPU tests, the decode-step figure (ours vs vLLM's and SGLang's ops),
-# per-layer kernels, cache-miss upload, end-to-end serving and the demo on the H200. bench/GPU_RUN.md
+# The GPU session's one call: GPU tests, the kernel tuner, the decode-step figure (ours vs vLLM's and
+# SGLang's ops), per-layer kernels, cache-miss upload, end-to-end serving and the demo on the H200. bench/GPU_RUN.md
 # says how to call it with the device tool and what to do with what comes back.
 #
 #   bash bench/gpu_run.sh                  # on the GPU machine ($OUT set by the device tool)
@@ -13,7 +13,7 @@
 # stopped stage never stops the next. Results and logs go to $WORK and are bundled into
 # $OUT/loraplex_gpu.tgz after EVERY stage (the device tool returns at most 8 files from $OUT, also
 # when the command is killed), beside $OUT/summary.txt and $OUT/console.log.
-# STAGES picks stages, in this order (default all): env tests step_linear kernels upload step e2e demo
+# STAGES picks stages, in this order (default all): env tests tune step_linear kernels upload step e2e demo
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$SECONDS
@@ -29,13 +29,14 @@ export LORAPLEX_BENCH_OUT="$WORK/results" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHON
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 export TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
 R="$WORK/results"
-STAGES=${STAGES:-"env tests step_linear kernels upload step e2e demo"}
+STAGES=${STAGES:-"env tests tune step_linear kernels upload step e2e demo"}
 
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   # the CPU machine: interpreter, tiny shapes, fp16 wherever the peers run (the interpreter's bf16 dot is wrong)
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
   export TRITON_INTERPRET=1
   TESTS_ARGS=""
+  TUNE_ARGS="--smoke --out $R/tune_smoke_config.json"
   STEP_LIN_ARGS="--smoke --linear-only --dtype float16 --tokens 1,5 --adapters 1,3 --out $R"
   STEP_ARGS="--smoke --dtype float16 --tokens 1,5 --adapters 1,3 --out $R"
   KERNELS_ARGS="--smoke --tokens 1 5 --adapters 1 3 --out $R"
@@ -46,6 +47,7 @@ if [ "${CPU_SMOKE:-0}" = 1 ]; then
 else
   PY=${PYTHON:-python3}
   TESTS_ARGS="--timeout=60"
+  TUNE_ARGS=""  # writes loraplex/kernels/configs/<GPU>.json here: the stages after it run with it
   STEP_LIN_ARGS="--linear-only --out $R"
   STEP_ARGS="--tokens 1,32,256 --out $R"
   KERNELS_ARGS="--ranks 16 --reps 50 --out $R"
@@ -99,6 +101,10 @@ loraplex.kernels.sgmv_expand, loraplex.kernels.embedding; print(\"loraplex kerne
 # no -x: every test runs; pytest-timeout bounds each test; -v so a stopped run still shows each outcome
 stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/kernels/test_gpu.py -p no:cacheprovider \
   -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
+
+# kernel configs for this GPU (bench/tune.py): compiles its candidates in parallel, then a coordinate
+# search over the decode step's LoRA, decode first; stops at the stage's deadline with what it found
+stage tune 120 $PY bench/tune.py $TUNE_ARGS
 
 # the headline: decode step kept vs base, ours beside vLLM's and SGLang's ops (TARGETS.md's setup)
 stage step_linear 120 $PY bench/step.py $STEP_LIN_ARGS

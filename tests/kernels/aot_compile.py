@@ -11,6 +11,8 @@ compiles each distinct variant once and checks:
   - no HGMMA (wgmma) that takes A from registers inside a pipelined loop (num_stages > 1), and no A
     register rewritten before its wgmma finished (ptxas < 13.3, triton-lang/triton#9433);
   - variants launched with programmatic dependent launch wait (griddepcontrol.wait) before their data;
+  - 16-bit weights at ranks divisible by 16 are loaded as vectors (no LDG.E.U16: a mask along the
+    unit-stride rank dimension on the real rank instead of the padded one forces scalar loads);
 read from cuobjdump's resource usage and SASS (the tools ship in Triton's NVIDIA backend).
 Run in a process WITHOUT TRITON_INTERPRET:
     python -m tests.kernels.aot_compile [--arch 90] [--table FILE.md]
@@ -123,7 +125,7 @@ def gpu_configs():
 
 
 def variants(arch: int = 90, ranks=RANKS, tokens=TOKENS, full: bool = False):
-    """(label, ASTSource, num_warps, num_stages, launch_pdl) for every distinct variant that the
+    """(label, ASTSource, num_warps, num_stages, launch_pdl, vector) for every distinct variant that the
     configs pick for these modules, token counts and ranks (bf16; fp16 at rank 16, fp32 at 16 and 64).
 
     Not `full`: a variant that differs from one already listed only in its slice count (qkv 3, gate_up 2,
@@ -157,7 +159,9 @@ def variants(arch: int = 90, ranks=RANKS, tokens=TOKENS, full: bool = False):
                             seen.add(key)
                             label = f"{op} {dt} {mod} T={T} R={R} " + " ".join(
                                 f"{k}={v}" for k, v in sorted(c.items()) if k.startswith(("BLOCK", "num_")))
-                            yield label, src, c["num_warps"], c["num_stages"], bool(c["PDL"])
+                            # 16-bit weights at a rank the JIT sees as a multiple of 16 must load them as vectors
+                            vector = dt != "fp32" and R % 16 == 0
+                            yield label, src, c["num_warps"], c["num_stages"], bool(c["PDL"]), vector
 
 
 def _wgmma_reg_a_reuse(sass: str) -> int:
@@ -192,11 +196,12 @@ def inspect_cubin(cubin: bytes) -> dict:
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), static_smem=int(m.group(3)), local=int(m.group(4)),
                 hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                 hgmma_reg_a=len(re.findall(r"HGMMA\.\S+ R\d+, R\d+,", sass)),
+                u16_loads=len(re.findall(r"\bLDG\.E\.U16\b", sass)),
                 reg_a_reuse=_wgmma_reg_a_reuse(sass),
                 local_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)))
 
 
-def check(label, src, warps, stages, pdl, target):
+def check(label, src, warps, stages, pdl, vector, target):
     """(ok, line) for one variant."""
     opts = dict(num_warps=warps, num_stages=stages)
     if pdl:
@@ -216,10 +221,13 @@ def check(label, src, warps, stages, pdl, target):
         problems.append(f"{st['hgmma_reg_a']} wgmma with A in registers in a loop of {stages} stages")
     if st["reg_a_reuse"]:
         problems.append(f"{st['reg_a_reuse']} wgmma A registers rewritten before the wait")
+    if vector and st["u16_loads"]:
+        problems.append(f"{st['u16_loads']} scalar 16-bit loads (masks along the unit-stride rank break vectors)")
     if pdl and "griddepcontrol.wait" not in k.asm["ptx"]:
         problems.append("launched with PDL but no griddepcontrol.wait before reading the previous kernel's data")
     facts = (f"regs={st['regs']} smem={smem} spills={st['local'] + st['stack']} hgmma={st['hgmma']} "
-             f"hgmma_reg_a={st['hgmma_reg_a']} warps={warps} stages={stages} pdl={int(pdl)}")
+             f"hgmma_reg_a={st['hgmma_reg_a']} u16_loads={st['u16_loads']} warps={warps} stages={stages} "
+             f"pdl={int(pdl)}")
     if problems:
         return False, f"FAIL sm_{target.arch}  {label}  {facts}  " + "; ".join(problems)
     return True, f"ok  sm_{target.arch}  {label}  {facts}"
@@ -233,8 +241,7 @@ def _check_index(args):
     i, arch, ranks, full = args
     if "v" not in _WORKER:
         _WORKER["v"] = list(variants(arch, ranks, full=full))
-    label, src, warps, stages, pdl = _WORKER["v"][i]
-    return check(label, src, warps, stages, pdl, GPUTarget("cuda", arch, 32))
+    return check(*_WORKER["v"][i], GPUTarget("cuda", arch, 32))
 
 
 def main(argv=None) -> int:

@@ -50,9 +50,12 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("LORAPLEX_BACKEND", "triton")
 
 
-# first in the file: the GPU run's test stage has a time limit, and this is the check nothing else makes
-@pytest.mark.parametrize("T", [4, 512], ids=["fused", "shrink+expand"])
-def test_cuda_graph_replay_with_changing_plans_is_bit_equal(T):
+# first in the file: the GPU run's test stage has a time limit, and this is the check nothing else makes.
+# Captured with one adapter ("identical") and replayed with plans of up to 16: the grid must come from
+# a bound fixed at capture (every slot), the fused column split and the split-K count from the device.
+@pytest.mark.parametrize("capture_mix", ["identical", "uniform"])
+@pytest.mark.parametrize("T", [4, 64, 512], ids=["fused", "split-K", "shrink+expand"])
+def test_cuda_graph_replay_with_changing_plans_is_bit_equal(T, capture_mix):
     L, R, dtype = 16, 32, torch.bfloat16
     K, widths = LAYERS["qkv"]
     gen = torch.Generator().manual_seed(7)
@@ -63,14 +66,14 @@ def test_cuda_graph_replay_with_changing_plans_is_bit_equal(T):
     x = torch.zeros(T, K, dtype=dtype, device="cuda")
     y = torch.zeros(T, sum(widths), dtype=dtype, device="cuda")
     scratch = torch.zeros(3, T, R, device="cuda")
-    plan = bufs.build(token_slots("uniform", T, L, gen).cuda(), ranks)
+    plan = bufs.build(token_slots(capture_mix, T, L, gen).cuda(), ranks)
     ops.add_lora_linear(y, x, A, B, plan, buffer=scratch)  # compile the kernels before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.add_lora_linear(y, x, A, B, plan, buffer=scratch)
-    for step, (mix, none_frac) in enumerate([("identical", 0), ("distinct", 0.2), ("zipf", 0.5), ("uniform", 1.0),
-                                             ("skewed", 0.1)]):
+    for step, (mix, none_frac) in enumerate([("distinct", 0.2), ("identical", 0), ("zipf", 0.5), ("uniform", 1.0),
+                                             ("skewed", 0.1), ("uniform", 0.0)]):
         slots = token_slots(mix, T, L, gen, none_frac).cuda()
         new_plan = bufs.build(slots, ranks)  # same static storage the graph captured
         x.copy_(torch.randn(T, K, generator=gen).to(dtype))
@@ -82,6 +85,60 @@ def test_cuda_graph_replay_with_changing_plans_is_bit_equal(T):
         assert torch.equal(y, eager), f"replay {step} ({mix}) differs from eager"
         ref = reference.add_lora_linear(y0.clone(), x, A, B, new_plan, ranks)
         torch.testing.assert_close(y[slots >= 0].float(), ref[slots >= 0].float(), **TOL[dtype])
+        assert not bufs.split_counters.any(), "split-K counters must be back at zero after every replay"
+
+
+def test_capture_with_a_bound_below_the_slots_is_refused():
+    """A plan bounded by its own adapter count (eager steps) must not be captured: replays with more
+    adapters would skip them silently."""
+    from loraplex.errors import LaunchError
+
+    L, K, widths = 8, 4096, (4096,)
+    plan = PlanBuffers(4, L, "cuda").build(torch.zeros(4, dtype=torch.int32, device="cuda"),
+                                           torch.full((L,), 16, dtype=torch.int32, device="cuda"), max_active=1)
+    A = [torch.zeros(L, 16, K, dtype=torch.bfloat16, device="cuda")]
+    B = [torch.zeros(L, widths[0], 16, dtype=torch.bfloat16, device="cuda")]
+    x = torch.zeros(4, K, dtype=torch.bfloat16, device="cuda")
+    y = torch.zeros(4, widths[0], dtype=torch.bfloat16, device="cuda")
+    ops.add_lora_linear(y, x, A, B, plan)  # eager: fine
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(LaunchError, match="bounded"), torch.cuda.graph(graph):
+        ops.add_lora_linear(y, x, A, B, plan)
+
+
+@pytest.mark.parametrize("R", [8, 16, 32, 64, 128, 256, 320, 512])
+def test_every_rank_vllm_allows_launches(R):
+    """Decode (fused up to fused_max_rank, shrink+expand above it) and a split-K batch at each rank."""
+    for T, mix in ((1, "identical"), (48, "zipf")):
+        slots, ranks, plan, x, A, B, y0 = _case("qkv", T, 8, R, torch.bfloat16, mix, seed=R + T)
+        y = ops.add_lora_linear(y0.clone(), x, A, B, plan)
+        ref = reference.add_lora_linear(y0.clone(), x, A, B, plan, ranks)
+        assert_rows(y, ref, slots, torch.bfloat16, y0, f"qkv T={T} R={R}")
+
+
+def test_pdl_changes_no_bit():
+    """Programmatic dependent launch only overlaps launches: a graphed chain of layers gives the same
+    bits with it as without it."""
+    from loraplex.kernels import config
+
+    T, L, R = 32, 8, 16
+    cases = [_case(layer, T, L, R, torch.bfloat16, "uniform", seed=i) for i, layer in enumerate(LAYERS)]
+    plan = cases[0][2]
+    outs = []
+    for pdl in (True, False):
+        table = {op: {"default": {"PDL": pdl}} for op in config.OPS}
+        load = config.load
+        config.load = lambda name, t=table: t
+        try:
+            ys = [c[6].clone() for c in cases]
+            for c, y in zip(cases, ys, strict=True):
+                ops.add_lora_linear(y, c[3], c[4], c[5], plan)
+            torch.cuda.synchronize()
+            outs.append(ys)
+        finally:
+            config.load = load
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
