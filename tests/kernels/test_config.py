@@ -43,10 +43,17 @@ def test_gpu_json_overrides_heuristic(tmp_path, monkeypatch):
         config.load.cache_clear()
 
 
-def test_shipped_default_config_is_valid_json():
-    data = json.loads((config.CONFIG_DIR / "default.json").read_text())
-    assert isinstance(data.get("fused_max_tokens"), int)
-    assert set(data) - {"_comment", *config.GLOBAL_KEYS} <= set(config.OPS)
+def test_shipped_configs_are_valid():
+    """default.json and every per-GPU file (bench/tune.py writes them): known keys, and every op entry
+    is a dict of shape-class (optionally @rank) keys."""
+    classes = {"default", "decode", "small", "medium", "large", "wide"}
+    for path in config.CONFIG_DIR.glob("*.json"):
+        data = json.loads(path.read_text())
+        assert isinstance(data.get("fused_max_tokens", 16), int), path
+        assert set(data) - {"_comment", "_tuned", *config.GLOBAL_KEYS} <= set(config.OPS), path
+        for op in config.OPS:
+            for key, entry in data.get(op, {}).items():
+                assert key.split("@")[0] in classes and isinstance(entry, dict), (path, op, key)
 
 
 def test_rank_keys_override_the_class(tmp_path, monkeypatch):
