@@ -4,8 +4,9 @@ What it times is what serving runs: one decode step's LoRA at Llama-3-8B shapes 
 gate_up / down through ops.add_lora_linear, rank R on 32 slots), captured in a CUDA graph, tokens
 spread evenly over 1 / 8 / 32 adapters, for a token count per shape class (decode 1 and 16, small 64,
 medium 256, large 2048) and ranks 16 and 64. A coordinate search, one knob at a time in the order of
-expected value (fused decode kernel, split-K and tiles of the shrink, tiles of the expand, where the
-fused path stops, PDL), keeps a value only if it is >= 2 % faster over the knob's cases; every new
+expected value (decode first: split-K and tiles of the shrink, tiles of the expand, then the fused
+kernel's tiles; the other classes; where the fused path stops; PDL), keeps a value only if it is
+>= 2 % faster over the knob's cases; every new
 config is checked against the fp32 reference before it is timed. The table is rewritten after every
 knob, so a run stopped by its deadline (LORAPLEX_DEADLINE, or --budget-s, default 5 min) keeps what it
 found; knobs it never reached keep the heuristic. Kernels compile in --jobs worker processes first
@@ -46,24 +47,29 @@ KEEP = 0.98  # a new value must take <= 98 % of the current time: noise does not
 
 
 def knobs(R, classes, smoke):
-    """(op, table key, field, values, token counts) in the order the search visits them. op None: a
+    """(op, table key, field, values, token counts, forced) in the order the search visits them: the
+    decode path in force first (split-K shrink + expand; then the fused kernel, measured with
+    fused_max_tokens forced on), the other classes, where the fused path stops, PDL. op None: a
     top-level key; op "*": the field in every op's "default"."""
     two = (lambda v: v[:2]) if smoke else (lambda v: v)
     rk = f"r{config.pow2(R)}"
     dec = classes["decode"]
-    out = [("sgmv_fused", f"decode@{rk}", "BLOCK_K", two([512, 256, 128] if R <= 16 else [256, 128]), dec),
-           ("sgmv_fused", f"decode@{rk}", "BLOCK_N", two([128, 64]), dec),
-           ("sgmv_fused", f"decode@{rk}", "TARGET_PROGRAMS", two([132, 264, 66]), dec),
-           ("sgmv_fused", f"decode@{rk}", "num_stages", two([3, 4, 2]), dec)]
-    for cls in (c for c in ("small", "medium", "large") if c in classes):
-        ts = classes[cls]
-        out += [("sgmv_shrink", f"{cls}@{rk}", "SPLIT_K", two([16, 4, 1]), ts),
-                ("sgmv_shrink", f"{cls}@{rk}", "BLOCK_K", two([128, 64, 256]), ts),
-                ("sgmv_shrink", f"{cls}@{rk}", "num_stages", two([3, 4, 2]), ts),
-                ("sgmv_expand", f"{cls}@{rk}", "BLOCK_N", two([128, 64, 256]), ts),
-                ("sgmv_expand", f"{cls}@{rk}", "BLOCK_M", two([32, 16, 64]), ts)]
-    out.append((None, None, "fused_max_tokens", [16, 0, 64] if not smoke else [16, 0], dec + classes["small"]))
-    out.append(("*", "default", "PDL", [True, False], dec + classes["small"]))
+    fused = {"fused_max_tokens": max(dec)}
+    out = []
+    for cls in ("decode", "small", "medium", "large"):
+        ts = classes.get(cls, ())
+        out += [("sgmv_shrink", f"{cls}@{rk}", "SPLIT_K", two([16, 8, 4, 1]), ts, {}),
+                ("sgmv_shrink", f"{cls}@{rk}", "BLOCK_K", two([128, 64, 256, 512]), ts, {}),
+                ("sgmv_shrink", f"{cls}@{rk}", "num_stages", two([3, 4, 2]), ts, {}),
+                ("sgmv_expand", f"{cls}@{rk}", "BLOCK_N", two([128, 64, 256]), ts, {}),
+                ("sgmv_expand", f"{cls}@{rk}", "BLOCK_M", two([32, 16, 64]), ts, {})]
+        if cls == "decode":
+            out += [("sgmv_fused", f"decode@{rk}", "BLOCK_K", two([512, 256, 128]), dec, fused),
+                    ("sgmv_fused", f"decode@{rk}", "BLOCK_N", two([128, 64]), dec, fused),
+                    ("sgmv_fused", f"decode@{rk}", "TARGET_PROGRAMS", two([132, 264, 66]), dec, fused),
+                    ("sgmv_fused", f"decode@{rk}", "num_stages", two([3, 4, 2]), dec, fused)]
+    out.append((None, None, "fused_max_tokens", two([0, 16, 64]), dec + classes.get("small", ()), {}))
+    out.append(("*", "default", "PDL", [True, False], dec + classes.get("small", ()), {}))
     return out
 
 
@@ -164,7 +170,6 @@ def search(args, name, deadline, log):
     modules = SMOKE_MODULES if smoke else MODULES
     classes = {c: t for c, t in (SMOKE_CLASS_TOKENS if smoke else CLASS_TOKENS).items() if c in args.classes}
     classes.setdefault("decode", (1,))
-    classes.setdefault("small", ())
     dtype = getattr(torch, args.dtype)
     table = {}
     if Path(args.out).is_file() and args.resume:
@@ -172,11 +177,11 @@ def search(args, name, deadline, log):
     for R in args.ranks:
         bench = Bench(modules, R, 1 if smoke else args.layers, args.slots, args.device, dtype)
         timed = {}  # (frozen effective configs, T, D) -> ms: a candidate equal to one timed before is not re-run
-        for op, key, field, values, ts in knobs(R, classes, smoke):
+        for op, key, field, values, ts, forced in knobs(R, classes, smoke):
             cases = _cases(ts, args.adapters)
             if not cases:
                 continue
-            with using(table, name):  # the value in force first: it is what the others must beat
+            with using(dict(table, **forced), name):  # the value in force first: what the others must beat
                 cur = _current(op, key, field, cases[0][0], modules, R, dtype)
             values = [cur] + [v for v in values if v != cur]
             results = []
@@ -185,7 +190,7 @@ def search(args, name, deadline, log):
                     log.append(dict(rank=R, op=op, key=key, field=field, stopped="deadline"))
                     return table
                 cand = _set(table, op, key, field, v)
-                with using(cand, name):
+                with using(dict(cand, **forced), name):
                     eff = _effective(modules, cases, R, dtype)
                     total, err = 0.0, 0.0
                     for T, D in cases:
@@ -265,11 +270,10 @@ def warm_worker(args):
     dtype = getattr(torch, args.dtype)
     classes = {c: t for c, t in CLASS_TOKENS.items() if c in args.classes}
     classes.setdefault("decode", (1,))
-    classes.setdefault("small", ())
     jobs = []
     for R in args.ranks:
-        for op, key, field, values, ts in knobs(R, classes, False):
-            jobs += [(R, _set({}, op, key, field, v), T) for v in values for T in ts]
+        for op, key, field, values, ts, forced in knobs(R, classes, False):
+            jobs += [(R, dict(_set({}, op, key, field, v), **forced), T) for v in values for T in ts]
     for R, table, T in jobs[i::n]:
         bench = Bench(MODULES, R, 1, 2, "cuda", dtype)
         with using(table, "tuning"), contextlib.suppress(Exception):

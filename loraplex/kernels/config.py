@@ -31,7 +31,12 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 OPS = ("sgmv_shrink", "sgmv_expand", "sgmv_fused", "lora_embedding")
 GLOBAL_KEYS = ("fused_max_tokens", "fused_max_rank")
 WIDE_N = 32768  # expand outputs this wide (lm_head, 128k vocab) get their own class
-DEFAULTS = {"fused_max_tokens": 16, "fused_max_rank": 128}
+# GPUs: decode through the split-K shrink + expand (the calibrated paper model of the v2 kernels,
+# bench/results/NOTES.md: 0.83 kept at T=1 against 0.80 fused at r16, 0.80 against 0.55 at r64; the
+# fused kernel walks all of K serially per program); the tuner measures both and may set fused_max_tokens.
+# The CPU interpreter runs programs one after another: there the fused kernel's single launch wins.
+DEFAULTS = {"fused_max_tokens": 0, "fused_max_rank": 128}
+CPU_DEFAULTS = {"fused_max_tokens": 16, "fused_max_rank": 128}
 
 __all__ = ["get", "pick", "load", "shape_class", "rank_key", "fused_max_tokens", "fused_max_rank", "pow2"]
 
@@ -152,7 +157,10 @@ def get(op: str, device, num_tokens: int, K: int = 0, N: int = 0, R: int = 16, d
 
 
 def _flag(device, key: str) -> int:
-    return int(load(gpu_name(device)).get(key, DEFAULTS[key]))
+    name = gpu_name(device)
+    if name == "cpu":
+        return CPU_DEFAULTS[key]
+    return int(load(name).get(key, DEFAULTS[key]))
 
 
 def fused_max_tokens(device) -> int:

@@ -143,7 +143,9 @@ def variants(arch: int = 90, ranks=RANKS, tokens=TOKENS, full: bool = False):
                 for T in tokens:
                     for mod, (K, widths) in MODULES.items():
                         ops = ["sgmv_shrink", "sgmv_expand"]
-                        if min(max_t - T, max_r - R) >= 0:  # add_lora_linear takes the fused path
+                        # the fused path: where add_lora_linear takes it, and at decode sizes in any case (a
+                        # tuned table may turn it on: bench/tune.py measures it there)
+                        if min(max(max_t, 16) - T, max_r - R) >= 0:
                             ops.append("sgmv_fused")
                         if mod == "o":  # the embedding LoRA of a 4096-wide model
                             ops.append("lora_embedding")

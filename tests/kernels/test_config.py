@@ -59,7 +59,7 @@ def test_shipped_configs_are_valid():
 def test_rank_keys_override_the_class(tmp_path, monkeypatch):
     (tmp_path / "NVIDIA_H200.json").write_text(json.dumps({
         "sgmv_expand": {"small": {"BLOCK_N": 64}, "small@r64": {"BLOCK_N": 32, "num_warps": 8}},
-        "fused_max_rank": 64,
+        "fused_max_tokens": 16, "fused_max_rank": 64,
     }))
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(config, "gpu_name", lambda device: "NVIDIA H200")
@@ -68,7 +68,10 @@ def test_rank_keys_override_the_class(tmp_path, monkeypatch):
         assert config.get("sgmv_expand", "cuda", 64, N=4096, R=16)["BLOCK_N"] == 64
         r64 = config.get("sgmv_expand", "cuda", 64, N=4096, R=48)  # padded rank 48: the r64 bucket
         assert r64["BLOCK_N"] == 32 and r64["num_warps"] == 8
-        assert ops.use_fused(4, "cuda", 64) and not ops.use_fused(4, "cuda", 128)
+        assert ops.use_fused(4, "cuda", 64) and not ops.use_fused(4, "cuda", 128) and not ops.use_fused(17, "cuda", 16)
+        config.load.cache_clear()
+        monkeypatch.setattr(config, "CONFIG_DIR", tmp_path / "none")  # no file at all: the GPU defaults
+        assert config.fused_max_tokens("cuda") == config.DEFAULTS["fused_max_tokens"] == 0
     finally:
         config.load.cache_clear()
 
