@@ -131,7 +131,7 @@ def variants(arch: int = 90, ranks=RANKS, tokens=TOKENS, full: bool = False):
     Not `full`: a variant that differs from one already listed only in its slice count (qkv 3, gate_up 2,
     o/down/lm_head 1: which of up to three base pointers a program uses) is compiled with 3 slices only,
     except in bf16 at rank 16, where every slice count is compiled."""
-    seen = set()
+    found = {}  # key -> [op, dt, mod, T, config, source, vector, ranks]: insertion order is compile order
     for gpu in gpu_configs():
         table = config.load(gpu)
         max_t = int(table.get("fused_max_tokens", config.DEFAULTS["fused_max_tokens"]))
@@ -156,14 +156,16 @@ def variants(arch: int = 90, ranks=RANKS, tokens=TOKENS, full: bool = False):
                                 spec = {k: v for k, v in spec.items() if k not in SLICE_ARGS}
                             key = (kname, tuple(sorted(spec.items(), key=repr)), c["num_warps"], c["num_stages"],
                                    bool(c["PDL"]))
-                            if key in seen:
+                            if key in found:  # the same binary: e.g. ranks 64..512 (BLOCK_R 64, R a runtime int)
+                                if R not in found[key][-1]:
+                                    found[key][-1].append(R)
                                 continue
-                            seen.add(key)
-                            label = f"{op} {dt} {mod} T={T} R={R} " + " ".join(
-                                f"{k}={v}" for k, v in sorted(c.items()) if k.startswith(("BLOCK", "num_")))
                             # 16-bit weights at a rank the JIT sees as a multiple of 16 must load them as vectors
-                            vector = dt != "fp32" and R % 16 == 0
-                            yield label, src, c["num_warps"], c["num_stages"], bool(c["PDL"]), vector
+                            found[key] = [op, dt, mod, T, c, src, dt != "fp32" and R % 16 == 0, [R]]
+    for op, dt, mod, T, c, src, vector, rs in found.values():
+        label = f"{op} {dt} {mod} T={T} ranks={','.join(map(str, rs))} " + " ".join(
+            f"{k}={v}" for k, v in sorted(c.items()) if k.startswith(("BLOCK", "num_")))
+        yield label, src, c["num_warps"], c["num_stages"], bool(c["PDL"]), vector
 
 
 def _wgmma_reg_a_reuse(sass: str) -> int:

@@ -24,9 +24,12 @@ def test_kernels_compile_for_sm90_within_resources():
     assert proc.returncode == 0, "\n".join(line for line in out.splitlines() if not line.startswith("ok")) or out
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert lines and all(line.startswith("ok  sm_90") for line in lines), out
-    # every rank vLLM allows was compiled, for every op
+    # every rank vLLM allows is covered for every op (ranks that compile to the same binary share a line:
+    # "ranks=64,128,256,320,512"); the fused kernel up to fused_max_rank
+    covered = {}
+    for line in lines:
+        op, ranks = line.split()[2], next(w for w in line.split() if w.startswith("ranks="))
+        covered.setdefault(op, set()).update(int(r) for r in ranks[6:].split(","))
     for op in ("sgmv_shrink", "sgmv_expand", "lora_embedding"):
-        for r in (8, 16, 32, 64, 128, 256, 320, 512):
-            assert any(line.split()[2] == op and f" R={r} " in line for line in lines) or r not in (8, 16, 32, 64), \
-                (op, r)
-    assert any(" sgmv_fused " in line for line in lines)
+        assert covered.get(op, set()) >= {8, 16, 32, 64, 128, 256, 320, 512}, (op, covered.get(op))
+    assert covered.get("sgmv_fused", set()) >= {8, 16, 32, 64, 128}, covered.get("sgmv_fused")
