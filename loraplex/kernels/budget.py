@@ -27,6 +27,7 @@ SMEM_MARGIN = 8192  # the compiler's own scratch (layout conversions, barriers) 
 FUSED_B_BYTES = 8192  # the fused kernel's B tile in registers: 16 registers per thread of 4 warps
 FP32_MAX_BLOCK_K = 32  # fp32 weights: exact (non tensor-core) dots hold both operand tiles in registers
 FUSED_MAX_BLOCK_M = 32  # mma.sync: h (A of the expand dot) lives in registers
+FUSED_MAX_RANK = 128  # h [BLOCK_M, rank] and its B tiles in registers: at 256 the compiler spills
 
 
 def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -61,6 +62,9 @@ def fit(op: str, cfg: dict, R: int, arch: int = 90, elem: int = 2) -> dict:
     cfg = dict(cfg)
     cfg["BLOCK_M"] = next((b for b in TILE_SIZES if b >= cfg["BLOCK_M"]), TILE_SIZES[-1])
     if op == "sgmv_fused":
+        if pow2(R) > FUSED_MAX_RANK:
+            raise ValueError(f"sgmv_fused holds the whole rank in registers: rank {R} > {FUSED_MAX_RANK} does not "
+                             "fit (add_lora_linear runs such ranks as shrink + expand)")
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], FUSED_MAX_BLOCK_M)
         cfg["BLOCK_R"] = pow2(R)
         cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], FUSED_B_BYTES // (cfg["BLOCK_R"] * elem)))

@@ -94,9 +94,10 @@ def sgmv_expand(h, B, plan, y, add=True, ranks=None):
 def use_fused(num_tokens: int, device, rank: int = 16) -> bool:
     """Decode-sized batches go through the fused kernel: there launch latency dominates. Its h and B
     tiles hold the whole rank in registers, so ranks above fused_max_rank take shrink + expand."""
+    from .budget import FUSED_MAX_RANK
     from .config import fused_max_rank, fused_max_tokens
 
-    return num_tokens <= fused_max_tokens(device) and rank <= fused_max_rank(device)
+    return num_tokens <= fused_max_tokens(device) and rank <= min(fused_max_rank(device), FUSED_MAX_RANK)
 
 
 def add_lora_linear(y, x, A_list, B_list, plan, ranks=None, buffer=None, scale=1.0):
