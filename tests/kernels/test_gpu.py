@@ -117,8 +117,8 @@ def test_every_rank_vllm_allows_launches(R):
 
 
 def test_pdl_changes_no_bit():
-    """Programmatic dependent launch only overlaps launches: a graphed chain of layers gives the same
-    bits with it as without it."""
+    """Programmatic dependent launch only overlaps launches: a chain of four modules' launches (each
+    one's metadata read before the previous one finished) gives the same bits with it as without it."""
     from loraplex.kernels import config
 
     T, L, R = 32, 8, 16
