@@ -69,6 +69,16 @@ class Loraplex(Base):
         self.ctx.set(self.buffers.build(tok, ranks))
 
 
+class LoraplexOverlap(Loraplex):
+    """loraplex with each LoRA shrink on a second stream under the base GEMM (layers/overlap.py)."""
+
+    name = "loraplex_overlap"
+
+    def __init__(self, targets, max_tokens, slots, rank, device):
+        super().__init__(targets, max_tokens, slots, rank, device)
+        self.ctx = LoraContext(max_tokens, slots, rank, device, overlap=True)
+
+
 class _VllmLinear(nn.Module):
     def __init__(self, base, target, owner):
         super().__init__()
@@ -245,7 +255,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128, help="tokens already cached per request")
     ap.add_argument("--linear-only", action="store_true", help="no attention: the TARGETS.md peer setup")
     ap.add_argument("--lm-head", action="store_true", help="LoRA on lm_head too")
-    ap.add_argument("--systems", default="loraplex,vllm,sglang")
+    ap.add_argument("--systems", default="loraplex,loraplex_overlap,vllm,sglang")
     ap.add_argument("--peers", default=str(REPO / ".peers"))
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=100)
@@ -275,8 +285,9 @@ def main(argv=None):
     systems, errors = [Base()], {}
     for name in args.systems.split(","):
         try:
-            if name == "loraplex":
-                systems.append(Loraplex(targets, max(tokens), args.slots, args.rank, dev))
+            if name in ("loraplex", "loraplex_overlap"):
+                kind = Loraplex if name == "loraplex" else LoraplexOverlap
+                systems.append(kind(targets, max(tokens), args.slots, args.rank, dev))
             elif name in ("vllm", "sglang") and not avail[name]:
                 print(f"# {name}: skipped ({'no GPU' if dev.type != 'cuda' else f'not fetched into {peers}'})")
             elif name == "vllm":
