@@ -32,6 +32,7 @@ class HostAdapterCache:
         self._ready: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()  # LRU order: oldest first
         self._loading: dict[Hashable, Future] = {}
         self._pinned: set[Hashable] = set()
+        self._held: set[Hashable] = set()  # not evicted for now (loaded ahead for a waiting request)
         self._bytes = 0
         self.hits = self.misses = self.loads = self.evictions = self.failures = 0
         self.generation = 0  # bumped whenever the set of cached or pinned keys changes
@@ -97,6 +98,17 @@ class HostAdapterCache:
             self._pinned.add(key)
             self.generation += 1
 
+    def hold(self, key: Hashable) -> None:
+        """Keep key (maybe still loading) from eviction until release(key): a softer pin, not shown as
+        one, for entries loaded ahead of their use."""
+        with self._lock:
+            self._held.add(key)
+
+    def release(self, key: Hashable) -> None:
+        with self._lock:
+            self._held.discard(key)
+            self._evict_locked()
+
     def unpin(self, key: Hashable) -> None:
         with self._lock:
             self._pinned.discard(key)
@@ -110,6 +122,7 @@ class HostAdapterCache:
             for k in gone:
                 self._bytes -= self._ready.pop(k)[1]
                 self._pinned.discard(k)
+                self._held.discard(k)
             self.generation += bool(gone)
             return len(gone)
 
@@ -129,7 +142,7 @@ class HostAdapterCache:
         for k in list(self._ready):  # oldest first
             if not over():
                 break
-            if k in self._pinned or k == keep:
+            if k in self._pinned or k in self._held or k == keep:
                 continue
             self._bytes -= self._ready.pop(k)[1]
             self.evictions += 1

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -56,7 +57,13 @@ class LoadTimes:
 
 
 class ResidencyReporter:
-    """Writes the snapshot of one LoraplexWorkerLoRAManager when it changed."""
+    """Publishes the snapshot of one LoraplexWorkerLoRAManager when it changed.
+
+    The engine thread only compares a signature (a few µs per step) and, when it changed, builds the
+    snapshot (dict lookups; ranks are cached per adapter version); serializing and writing it happen
+    on a writer thread, at most every WRITE_INTERVAL_S, always ending with the latest snapshot."""
+
+    WRITE_INTERVAL_S = 0.02
 
     def __init__(self, manager, directory: str | None = None):
         self.manager = manager
@@ -64,24 +71,28 @@ class ResidencyReporter:
         self.enabled = bool(self.directory) and _tp_rank() == 0
         self.path = snapshot_path(self.directory) if self.enabled else None
         self.load_times = LoadTimes()
-        self._last = None
         self._signature = None
         self._lock = threading.Lock()  # the engine thread and loader threads (prefetches) publish
+        self._pending = None
+        self._wake = threading.Event()
+        self._writer = None
 
     def signature(self):
         """Changes whenever state() may have (a few µs: checked at every engine step)."""
         m = self.manager
         am = m._adapter_manager
-        return (tuple(am.lora_index_to_id), tuple(am.list_adapters()), len(am._registered_adapters.pinned_items),
-                len(am._active_adapters.pinned_items), m._host.generation, sum(self.load_times.counts))
+        # sets, not the LRU order: vLLM touches that for every request at every step
+        return (tuple(am.lora_index_to_id), frozenset(am._registered_adapters.cache),
+                len(am._registered_adapters.pinned_items), len(am._active_adapters.pinned_items),
+                m._host.generation, sum(self.load_times.counts))
 
     def state(self) -> dict:
         m = self.manager
         am = m._adapter_manager
-        gpu_ids = [i for i in am.lora_index_to_id if i is not None]
+        gpu_ids = set(am.lora_index_to_id)
         pinned = set(am._registered_adapters.pinned_items) | set(am._active_adapters.pinned_items)
         adapters = {}  # name -> (level, pinned, rank)
-        for lora_id in list(am.list_adapters()):
+        for lora_id in list(am._registered_adapters.cache):
             name = m.adapter_name(lora_id)
             if name is not None:
                 level = "gpu" if lora_id in gpu_ids else "cpu"
@@ -98,26 +109,39 @@ class ResidencyReporter:
         }
 
     def publish(self) -> None:
-        """Write the snapshot if anything in it changed (cheap when nothing did)."""
+        """Hand the snapshot to the writer if anything in it changed (cheap when nothing did)."""
         if not self.enabled:
             return
         with self._lock:
-            self._publish_locked()
+            try:
+                signature = self.signature()
+                if signature == self._signature:
+                    return
+                self._signature = signature
+                self._pending = self.state()
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("loraplex: could not read adapter residency")
+                self.enabled = False
+                return
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="loraplex-residency", daemon=True)
+                self._writer.start()
+        self._wake.set()
 
-    def _publish_locked(self) -> None:
-        try:
-            signature = self.signature()
-            if signature == self._signature:
-                return
-            self._signature = signature
-            state = self.state()
-            if state == self._last:
-                return
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, self.path)
-            self._last = state
-        except Exception:  # noqa: BLE001 - metrics must never stop serving
-            log.exception("loraplex: could not publish adapter residency")
-            self.enabled = False
+    def _write_loop(self) -> None:
+        last = None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                state, self._pending = self._pending, None
+            if state is not None and state != last:
+                try:
+                    tmp = f"{self.path}.tmp"
+                    with open(tmp, "w") as f:
+                        json.dump(state, f)
+                    os.replace(tmp, self.path)
+                    last = state
+                except OSError:
+                    log.exception("loraplex: could not write adapter residency to %s", self.path)
+            time.sleep(self.WRITE_INTERVAL_S)  # coalesce bursts; a change meanwhile sets _wake again

@@ -98,8 +98,10 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
         self._residency = ResidencyReporter(self)
-        self._ahead: dict[tuple, int] = {}  # host cache key -> bytes, prefetched for queued requests
+        self._ahead: dict[tuple, tuple] = {}  # host cache key -> (bytes, since): prefetched, held, unused
         self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
+        self._rank_of: dict[tuple, int] = {}  # host cache key -> rank (residency metrics)
+        self._in_step = False
 
     def create_lora_manager(self, *args, **kwargs):
         model = super().create_lora_manager(*args, **kwargs)
@@ -170,8 +172,8 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)
-        self._ahead.pop(key, None)  # a prefetched adapter is in use now
         lora = self._host.get(key, lora_request)
+        self._let_go(key)  # a prefetched adapter is in use now (and most recent): evictable again
         if lora.id != lora_request.lora_int_id:
             lora = lora.clone(lora_request.lora_int_id)  # shares the tensors
         self._names[lora_request.lora_int_id] = lora_request.lora_name
@@ -189,7 +191,8 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             # the same weights: vLLM would re-read them at every step of every request carrying the flag
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
         added = super().add_adapter(lora_request)
-        self._residency.publish()
+        if not self._in_step:  # add_lora from the API server; a step publishes once, at its end
+            self._residency.publish()
         return added
 
     def remove_adapter(self, adapter_id: int) -> bool:
@@ -216,7 +219,11 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         super()._apply_adapters(lora_requests)
 
     def set_active_adapters(self, requests, mapping) -> None:
-        self._apply_adapters(requests)
+        self._in_step = True
+        try:
+            self._apply_adapters(requests)
+        finally:
+            self._in_step = False
         if mapping is not None:
             self._publish_ranks()
             self._adapter_manager.set_adapter_mapping(mapping)
@@ -254,12 +261,28 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return name
 
     def adapter_rank(self, lora_id: int) -> int:
+        key = self._keys.get(lora_id)
+        if key is not None and key in self._rank_of:
+            return self._rank_of[key]
         model = self._adapter_manager.get_adapter(lora_id)
-        return 0 if model is None else model_rank(model)
+        rank = 0 if model is None else model_rank(model)
+        if key is not None:
+            self._rank_of[key] = rank
+        return rank
 
     def host_resident(self) -> list:
-        """(host cache key, rank) of every adapter in the host cache."""
-        return [(key, model_rank(lora)) for key, lora in self._host.items()]
+        """(host cache key, rank) of every adapter in the host cache (ranks cached per key: a key is
+        one version, so its rank never changes)."""
+        out, ranks = [], self._rank_of
+        for key, lora in self._host.items():
+            rank = ranks.get(key)
+            if rank is None:
+                rank = ranks[key] = model_rank(lora)
+            out.append((key, rank))
+        if len(ranks) > 4 * max(64, len(out)):  # forget versions long gone from the caches
+            keep = {k for k, _ in out} | set(self._keys.values())
+            self._rank_of = {k: r for k, r in ranks.items() if k in keep}
+        return out
 
     # ---- catalog ---------------------------------------------------------------------------------
     def _require_catalog(self):
@@ -294,29 +317,38 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         future.add_done_callback(lambda _: self._residency.publish())  # an idle engine reports it too
         return future
 
+    AHEAD_TTL_S = 120.0  # a prefetched adapter whose request never ran (aborted) is let go after this
+
     def prefetch_queued(self, lora_requests) -> int:
         """Start loading the adapters of requests waiting in the scheduler (prefetch.py) into the host
-        cache. Adapters prefetched but not yet used take at most half its byte budget. Returns how
-        many loads were started."""
+        cache, and keep them there (held: not evicted) until their step uses them. Adapters prefetched
+        but not yet used take at most half the byte budget. Returns how many loads were started."""
+        now = time.monotonic()
+        for k, (_, since) in list(self._ahead.items()):
+            if now - since > self.AHEAD_TTL_S or not (k in self._host or self._host.is_loading(k)):
+                self._let_go(k)
         held = self.list_adapters()
-        ahead = {k: n for k, n in self._ahead.items() if k in self._host or self._host.is_loading(k)}
-        budget = self._host.max_bytes // 2 - sum(ahead.values())
+        budget = self._host.max_bytes // 2 - sum(n for n, _ in self._ahead.values())
         started = 0
         for req in lora_requests:
             key = self._key(req)
-            if (req.lora_int_id in held and self._keys.get(req.lora_int_id) == key) or key in ahead \
+            if (req.lora_int_id in held and self._keys.get(req.lora_int_id) == key) or key in self._ahead \
                     or key in self._host or self._host.is_loading(key):
                 continue
             size = self._size_estimate(req)
             if size > budget:
                 break
+            self._host.hold(key)
             self._host.prefetch(key, req)
-            ahead[key] = size
+            self._ahead[key] = (size, now)
             budget -= size
             started += 1
-        self._ahead = ahead
         self.queue_prefetches += started
         return started
+
+    def _let_go(self, key) -> None:
+        if self._ahead.pop(key, None) is not None:
+            self._host.release(key)
 
     def _size_estimate(self, req) -> int:
         """Bytes the adapter will take in the host cache (its weight file's size, for catalog ones)."""

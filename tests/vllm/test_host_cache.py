@@ -94,3 +94,18 @@ def test_failures_propagate_and_are_not_cached():
     loader.fail.clear()
     assert cache.get("bad", "bad", 1)["name"] == "bad"
     assert loader.calls == ["bad", "bad"] and cache.stats()["failures"] == 1
+
+
+def test_held_entries_wait_for_their_use():
+    """Adapters loaded ahead of a queued request are held until it runs, then evictable as usual."""
+    cache = _cache(Loader(), max_bytes=100)
+    cache.hold("ahead")
+    cache.prefetch("ahead", "ahead", 40).result()
+    for name in ("x", "y", "z"):  # 40 each: without the hold, "ahead" would be the first to go
+        cache.get(name, name, 40)
+    assert "ahead" in cache and cache.stats()["pinned"] == 0  # a hold is not a pin
+    cache.get("ahead", "ahead", 40)
+    cache.release("ahead")
+    cache.get("w", "w", 40)
+    cache.get("v", "v", 40)
+    assert "ahead" not in cache and cache.stats()["bytes"] <= 100

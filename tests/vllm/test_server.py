@@ -237,28 +237,55 @@ def _residency(server):
     return loaded, values
 
 
+def _residency_when(server, check, timeout=5.0):
+    """_residency() once check(loaded, values) holds: workers publish within milliseconds of a change,
+    and /metrics may be scraped in between (as any scraper may)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loaded, values = _residency(server)
+        try:
+            check(loaded, values)
+            return loaded, values
+        except (AssertionError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def test_residency_metrics_follow_loads_evictions_pins_and_unloads(server):
-    loaded, values = _residency(server)
-    assert values["vllm:max_gpu_lora_adapters"] == 2
-    assert loaded["beta-r8"]["pinned"] == "true"  # LORAPLEX_PIN_ADAPTERS: resident before any request for it
+    def pinned_beta(loaded, values):
+        assert values["vllm:max_gpu_lora_adapters"] == 2
+        assert loaded["beta-r8"]["pinned"] == "true"  # LORAPLEX_PIN_ADAPTERS: resident before any request
+
+    _residency_when(server, pinned_beta)
     # two GPU slots: alpha, then gamma, then beta leaves alpha in host memory only
     for name in ("alpha-r4", "gamma-r16", "beta-r8"):
         assert _complete(server, name, PROMPTS[0])[0] == 200
-    loaded, values = _residency(server)
-    assert {n: loaded[n]["level"] for n in ("alpha-r4", "gamma-r16", "beta-r8")} == {
-        "alpha-r4": "cpu", "gamma-r16": "gpu", "beta-r8": "gpu"}
-    assert loaded["beta-r8"]["pinned"] == "true" and loaded["gamma-r16"]["pinned"] == "false"
-    assert loaded["gamma-r16"]["rank"] == "16" and loaded["alpha-r4"]["rank"] == "4"
-    assert values["vllm:num_gpu_loaded_lora_adapters"] == 2
-    assert values["vllm:num_cpu_loaded_lora_adapters"] == len(loaded) - 2
-    assert values["vllm:lora_adapter_load_seconds_count"] >= 3
-    assert values["loraplex_host_cache_entries"] >= 3 and values["loraplex_host_cache_pinned"] >= 1
-    assert values["loraplex_queue_prefetches_total"] >= 0  # reported (its effect: test_engine_safety, bench)
+
+    def after_three(loaded, values):
+        assert {n: loaded[n]["level"] for n in ("alpha-r4", "gamma-r16", "beta-r8")} == {
+            "alpha-r4": "cpu", "gamma-r16": "gpu", "beta-r8": "gpu"}
+        assert loaded["beta-r8"]["pinned"] == "true" and loaded["gamma-r16"]["pinned"] == "false"
+        assert loaded["gamma-r16"]["rank"] == "16" and loaded["alpha-r4"]["rank"] == "4"
+        assert values["vllm:num_gpu_loaded_lora_adapters"] == 2
+        assert values["vllm:num_cpu_loaded_lora_adapters"] == len(loaded) - 2
+        assert values["vllm:lora_adapter_load_seconds_count"] >= 3
+        assert values["loraplex_host_cache_entries"] >= 3 and values["loraplex_host_cache_pinned"] >= 1
+        assert values["loraplex_queue_prefetches_total"] >= 0  # reported (its effect: test_engine_safety)
+
+    _residency_when(server, after_three)
     # unloading frees every tier: the series is gone, a GPU slot is free
     status, body = _http(server.url + "/v1/unload_lora_adapter", {"lora_name": "gamma-r16"})
     assert status == 200, body
-    loaded, values = _residency(server)
-    assert "gamma-r16" not in loaded and values["vllm:num_gpu_loaded_lora_adapters"] == 1
+
+    def unloaded(loaded, values):
+        assert "gamma-r16" not in loaded and values["vllm:num_gpu_loaded_lora_adapters"] == 1
+
+    _residency_when(server, unloaded)
     status, tokens = _complete(server, "gamma-r16", PROMPTS[1])  # and it comes back on request
     assert status == 200
-    assert _residency(server)[0]["gamma-r16"]["level"] == "gpu"
+    _residency_when(server, lambda loaded, values: assert_level(loaded, "gamma-r16", "gpu"))
+
+
+def assert_level(loaded, name, level):
+    assert loaded[name]["level"] == level
