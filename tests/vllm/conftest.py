@@ -74,3 +74,51 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, env=(), **llm_kwargs):
+    """A generator for a module fixture: a vllm.LLM in this process over a fresh copy of the test
+    catalog, with the plugin registered, torch ops (the interpreter is too slow for whole models);
+    yields SimpleNamespace(llm, catalog, model) and tears everything down after."""
+    import gc
+    import shutil
+    from types import SimpleNamespace
+
+    from loraplex import vllm_plugin
+
+    catalog = tmp_path_factory.mktemp(label) / "catalog"
+    shutil.copytree(adapter_source, catalog)
+    mp = pytest.MonkeyPatch()
+    for key, value in {"LORAPLEX_CATALOG": str(catalog), "LORAPLEX_BACKEND": "torch",
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in this process: starts in seconds
+                       "VLLM_CPU_KVCACHE_SPACE": "1", **dict(env)}.items():
+        mp.setenv(key, value)
+    vllm_plugin.unregister()
+    # vLLM loads plugins once per process, maybe before this env existed: register explicitly.
+    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
+    from vllm import LLM
+
+    llm = LLM(model=tiny_model_dir, enable_lora=True, max_lora_rank=16, dtype="float32", enforce_eager=True,
+              max_num_seqs=4, seed=0, **llm_kwargs)
+    try:
+        yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
+    finally:
+        del llm
+        gc.collect()
+        vllm_plugin.unregister()
+        mp.undo()
+
+
+def poisoned_copy(src, dst):
+    """A copy of adapter directory `src` at `dst` with one NaN in its first lora_A weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dst

@@ -5,15 +5,13 @@ and for an adapter added to the catalog after the engine started. One engine for
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 
-from .conftest import GEN_TOKENS, PROMPTS
+from .conftest import GEN_TOKENS, PROMPTS, in_process_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -23,31 +21,10 @@ MAX_CPU_LORAS = 2  # vLLM's own CPU cache; loraplex's host cache sits under it
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_source, tmp_path_factory):
-    from loraplex import vllm_plugin
-
-    catalog = tmp_path_factory.mktemp("engine") / "catalog"
-    shutil.copytree(adapter_source, catalog)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAPLEX_CATALOG", str(catalog))
-    mp.setenv("LORAPLEX_REFRESH_INTERVAL", "0")  # a miss refreshes at once (tests add adapters)
-    mp.setenv("LORAPLEX_BACKEND", "torch")  # the Triton interpreter is too slow for whole models
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: starts in seconds
-    mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    vllm_plugin.unregister()
-    # vLLM loads plugins once per process, maybe before this env existed: register explicitly.
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
-    from vllm import LLM
-
-    llm = LLM(model=tiny_model_dir, enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=16,
-              max_cpu_loras=MAX_CPU_LORAS, dtype="float32", enforce_eager=True, max_model_len=64,
-              max_num_seqs=4, max_num_batched_tokens=256, seed=0)
-    try:
-        yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
-    finally:
-        del llm
-        gc.collect()
-        vllm_plugin.unregister()
-        mp.undo()
+    # LORAPLEX_REFRESH_INTERVAL 0: tests add adapters and re-list at once
+    yield from in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, "engine",
+                                 env={"LORAPLEX_REFRESH_INTERVAL": "0"}, max_loras=MAX_LORAS,
+                                 max_cpu_loras=MAX_CPU_LORAS, max_model_len=64, max_num_batched_tokens=256)
 
 
 def _generate(engine, names, prompts=PROMPTS):

@@ -5,14 +5,12 @@ any other request's output. Greedy tokens are checked against transformers + PEF
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 
-from .conftest import hf_greedy
+from .conftest import hf_greedy, in_process_engine, poisoned_copy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -25,29 +23,9 @@ GEN = 6
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_source, tmp_path_factory):
-    from loraplex import vllm_plugin
-
-    catalog = tmp_path_factory.mktemp("prefix") / "catalog"
-    shutil.copytree(adapter_source, catalog)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAPLEX_CATALOG", str(catalog))
-    mp.setenv("LORAPLEX_BACKEND", "torch")
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    vllm_plugin.unregister()
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
-    from vllm import LLM
-
-    llm = LLM(model=tiny_model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2,
-              dtype="float32", enforce_eager=True, max_model_len=160, max_num_seqs=4,
-              max_num_batched_tokens=512, seed=0, enable_prefix_caching=True, block_size=BLOCK)
-    try:
-        yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
-    finally:
-        del llm
-        gc.collect()
-        vllm_plugin.unregister()
-        mp.undo()
+    yield from in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, "prefix", max_loras=2,
+                                 max_cpu_loras=2, max_model_len=160, max_num_batched_tokens=512,
+                                 enable_prefix_caching=True, block_size=BLOCK)
 
 
 def _run(engine, name, prompt):
@@ -107,18 +85,9 @@ def test_republished_adapter_never_reuses_old_kv(engine, tmp_path):
 
 
 def test_nan_adapter_is_refused_and_harms_no_one(engine, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from loraplex.errors import InvalidAdapter
 
-    staged = tmp_path / "poisoned"
-    shutil.copytree(engine.catalog / "alpha-r4", staged)
-    weights = staged / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    key = sorted(k for k in tensors if "lora_A" in k)[0]
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, weights, metadata={"format": "pt"})
-    os.rename(staged, engine.catalog / "poisoned")
+    os.rename(poisoned_copy(engine.catalog / "alpha-r4", tmp_path / "poisoned"), engine.catalog / "poisoned")
     _manager(engine, "refresh_storage_catalog")
 
     with pytest.raises(Exception) as err:  # noqa: PT011 - vLLM may wrap the error; its text must say why

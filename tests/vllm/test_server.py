@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import GEN_TOKENS, PROMPTS, free_port
+from .conftest import GEN_TOKENS, PROMPTS, free_port, poisoned_copy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -172,16 +172,7 @@ def test_new_adapters_are_found_by_their_first_request(server, reference, tmp_pa
 
 
 def test_nan_adapter_is_refused_by_name_and_harms_no_one(server, reference, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    staged = tmp_path / "poisoned"
-    shutil.copytree(server.catalog / "alpha-r4", staged)
-    weights = staged / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    key = sorted(k for k in tensors if "lora_A" in k)[0]
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, weights, metadata={"format": "pt"})
-    os.rename(staged, server.catalog / "poisoned")
+    os.rename(poisoned_copy(server.catalog / "alpha-r4", tmp_path / "poisoned"), server.catalog / "poisoned")
     log_before = server.log.read_text()
     for _ in range(3):
         status, body = _complete(server, "poisoned", PROMPTS[0])
