@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from ..errors import AdapterChanged, CapacityError, CatalogError, InvalidAdapter, InvalidAdapterName, StorageError
+from .localfs import alive as _alive
+from .localfs import dir_bytes as _dir_bytes
+from .localfs import listdir as _listdir
 from .names import check_name
 from .store import CONFIG_FILE, WEIGHT_FILES, StoredAdapter
 
@@ -94,6 +97,31 @@ class RemoteStore:
             raise CatalogError(f"catalog URL {self.root} does not exist (no such bucket or directory)") from None
         except Exception as e:  # noqa: BLE001 - each backend raises its own types (botocore, aiohttp, OSError)
             raise StorageError(None, f"cannot list {self.root}: {_why(e)}") from None
+        items, invalid = self._items(self._group(listing))
+        self._prefetch_configs(items.values())
+        return items, invalid
+
+    def scan_names(self, names) -> tuple[dict[str, RemoteAdapter], dict[str, str]]:
+        """scan(), limited to these adapters: one listing of each one's prefix instead of the whole
+        catalog (a request for a name published a moment ago). A name that is gone appears in neither."""
+        found, invalid = {}, {}
+        for name in names:
+            try:
+                listing = self.fs.find(f"{self._base}/{check_name(name)}", withdirs=True, detail=True)
+            except InvalidAdapterName as e:
+                invalid[name] = e.reason
+                continue
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - each backend raises its own types
+                raise StorageError(name, f"cannot list {self.root}/{name}: {_why(e)}") from None
+            found.update({n: d for n, d in self._group(listing).items() if n == name})
+        items, bad = self._items(found)
+        return items, {**invalid, **bad}
+
+    def _group(self, listing) -> dict[str, dict[str, dict]]:
+        """{adapter name: {file name: info}} of an fsspec listing under the root (hidden names,
+        stray root objects and deeper objects left out; an empty adapter dir maps to {})."""
         files: dict[str, dict[str, dict]] = {}
         for path, info in listing.items():
             path = path.rstrip("/")
@@ -110,39 +138,13 @@ class RemoteStore:
             d = files.setdefault(parts[0], {})
             if len(parts) == 2 and info.get("type") == "file":
                 d[parts[1]] = info
+        return files
+
+    def _items(self, files):
         items, invalid = {}, {}
         for name, d in files.items():
             try:
                 items[name] = self._item(name, d)
-            except (InvalidAdapter, InvalidAdapterName) as e:
-                invalid[name] = e.reason
-        self._prefetch_configs(items.values())
-        return items, invalid
-
-    def scan_names(self, names) -> tuple[dict[str, RemoteAdapter], dict[str, str]]:
-        """scan(), limited to these adapters: one listing of each one's prefix instead of the whole
-        catalog (a request for a name published a moment ago). A name that is gone appears in neither."""
-        items, invalid = {}, {}
-        for name in names:
-            try:
-                check_name(name)
-            except InvalidAdapterName as e:
-                invalid[name] = e.reason
-                continue
-            prefix = f"{self._base}/{name}"
-            try:
-                listing = self.fs.find(prefix, withdirs=True, detail=True)
-            except FileNotFoundError:
-                continue
-            except Exception as e:  # noqa: BLE001 - each backend raises its own types
-                raise StorageError(name, f"cannot list {self.root}/{name}: {_why(e)}") from None
-            files = {path.rstrip("/").rsplit("/", 1)[-1]: info for path, info in listing.items()
-                     if path.rstrip("/").startswith(prefix + "/") and info.get("type") == "file"
-                     and "/" not in path.rstrip("/")[len(prefix) + 1:]}
-            if not files and not listing:
-                continue
-            try:
-                items[name] = self._item(name, files)
             except (InvalidAdapter, InvalidAdapterName) as e:
                 invalid[name] = e.reason
         return items, invalid
@@ -431,27 +433,6 @@ def _intact(item: StoredAdapter, d: str) -> bool:
                 and os.path.getsize(os.path.join(d, posixpath.basename(item.weights_path))) == item.size_bytes)
     except OSError:
         return False
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _why(e: Exception) -> str:

@@ -139,6 +139,22 @@ def test_deleted_adapter_is_removed(s3, url, tmp_path):
     assert cat.names() == ["alpha-r4", "gamma-r16"]
 
 
+def test_refresh_of_named_adapters_lists_only_their_prefixes(s3, url, tmp_path, adapter_source, monkeypatch):
+    """A request for a name published a moment ago: one prefix listing, not the whole catalog."""
+    cat = open_remote(s3, url, tmp_path)
+    for f in ("adapter_config.json", WEIGHTS):
+        put(s3, url, f"fresh/{f}", (adapter_source / "beta-r8" / f).read_bytes())
+    put(s3, url, "half/adapter_config.json", (adapter_source / "beta-r8" / "adapter_config.json").read_bytes())
+    listed = []
+    find = type(cat._store.fs).find
+    monkeypatch.setattr(type(cat._store.fs), "find", lambda fs, path, **kw: listed.append(path) or find(fs, path, **kw))
+    diff = cat.refresh(["fresh", "half", "never-published"])
+    assert diff.added == ("fresh",) and cat.get("fresh").r == cat.get("beta-r8").r
+    assert "missing adapter_model" in cat.invalid()["half"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in listed) == ["fresh", "half", "never-published"]
+    assert cat.load_tensors("fresh").keys() == cat.load_tensors("beta-r8").keys()
+
+
 def test_invalid_adapters_and_strays(s3, url, tmp_path, adapter_source):
     cfg = (adapter_source / "alpha-r4" / "adapter_config.json").read_bytes()
     put(s3, url, "no-weights/adapter_config.json", cfg)
