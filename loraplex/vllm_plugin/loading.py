@@ -45,6 +45,21 @@ def _check_modules(name, tensors, expected, peft_helper, weights_mapper, skip_pr
         raise InvalidAdapter(name, f"targets modules this model cannot apply LoRA to: {sorted(set(unexpected))[:8]}")
 
 
+def check_vllm_limits(name: str, config: dict, tensors: dict, lora_config, modules=None) -> None:
+    """vLLM's own checks of an adapter (rank limit, features; target modules when `modules`, the
+    model's LoRA-capable modules, is known), made before the engine is asked: a refusal there costs
+    an engine round trip and pages of worker and engine tracebacks. Raises InvalidAdapter."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    try:
+        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": None})
+        peft_helper.validate_legal(lora_config)
+    except ValueError as e:
+        raise InvalidAdapter(name, str(e)) from None
+    if modules:
+        _check_modules(name, tensors, set(modules), peft_helper, None, None)
+
+
 def build_lora_model(worker_manager, lora_id: int, name: str, config: dict, tensors: dict):
     """vLLM's LoRAModel (on CPU, in the LoRA dtype) from checked catalog tensors. Raises
     InvalidAdapter naming the adapter for everything vLLM would refuse."""

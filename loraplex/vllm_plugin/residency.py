@@ -28,6 +28,23 @@ def snapshot_path(directory: str, pid: int | None = None) -> str:
     return os.path.join(directory, f"worker-{os.getpid() if pid is None else pid}.json")
 
 
+def newest_snapshot(directory: str) -> dict | None:
+    """The most recently written worker snapshot in `directory` (None if there is none yet)."""
+    import glob
+
+    newest = None
+    for path in glob.glob(os.path.join(directory, "worker-*.json")):
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            mtime = os.stat(path).st_mtime_ns
+        except (OSError, ValueError):
+            continue  # a worker that just exited, or a snapshot being replaced
+        if newest is None or mtime > newest[0]:
+            newest = (mtime, state)
+    return None if newest is None else newest[1]
+
+
 def _tp_rank() -> int:
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
@@ -74,6 +91,7 @@ class ResidencyReporter:
         self._signature = None
         self._lock = threading.Lock()  # the engine thread and loader threads (prefetches) publish
         self._pending = None
+        self._modules = None
         self._wake = threading.Event()
         self._writer = None
 
@@ -100,8 +118,13 @@ class ResidencyReporter:
         host_pinned = m._host.pinned_keys()
         for key, rank in m.host_resident():
             adapters.setdefault(key[0], ("cpu", key in host_pinned, rank))
+        if self._modules is None:
+            from .loading import expected_modules
+
+            self._modules = sorted(expected_modules(am))
         return {
             "max_gpu": am.lora_slots,
+            "lora_modules": self._modules,  # what the API server checks adapters' targets against
             "adapters": [{"name": n, "level": lv, "pinned": p, "rank": r}
                          for n, (lv, p, r) in sorted(adapters.items())],
             "host": {**m._host.stats(), "queue_prefetches": m.queue_prefetches},

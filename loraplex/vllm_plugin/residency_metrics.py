@@ -16,12 +16,10 @@ A collector reads the snapshots the workers write (residency.py) at every scrape
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 
-from .residency import ENV_STATE_DIR
+from .residency import ENV_STATE_DIR, newest_snapshot
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -32,23 +30,10 @@ class ResidencyCollector:
     def __init__(self, directory: str):
         self.directory = directory
 
-    def _snapshot(self) -> dict | None:
-        newest = None
-        for path in glob.glob(os.path.join(self.directory, "worker-*.json")):
-            try:
-                with open(path) as f:
-                    state = json.load(f)
-                mtime = os.stat(path).st_mtime_ns
-            except (OSError, ValueError):
-                continue  # a worker that just exited
-            if newest is None or mtime > newest[0]:
-                newest = (mtime, state)
-        return None if newest is None else newest[1]
-
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        state = self._snapshot()
+        state = newest_snapshot(self.directory)
         if state is None:
             return
         loaded = GaugeMetricFamily("vllm:lora_adapter_loaded", "LoRA adapter resident in a cache tier (1 while "

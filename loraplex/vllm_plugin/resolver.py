@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
@@ -21,6 +22,8 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 from ..errors import AdapterChanged, AdapterNotFound, CatalogError, InvalidAdapter, StorageError
 from .catalog_handle import CatalogHandle, get_handle
 from .identity import catalog_path
+from .loading import check_vllm_limits
+from .residency import ENV_STATE_DIR, newest_snapshot
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -36,25 +39,29 @@ class CatalogLoRAResolver(LoRAResolver):
         self.handle = handle
         self._checked: set[tuple[str, object]] = set()  # (name, version) whose weights passed the check
 
-    def resolve_checked(self, lora_name: str) -> LoRARequest:
+    def resolve_checked(self, lora_name: str, lora_config=None) -> LoRARequest:
         """The LoRARequest for the current version of `lora_name` (blocking I/O). Raises
-        AdapterNotFound / InvalidAdapterName, or InvalidAdapter with the reason it cannot be served."""
+        AdapterNotFound / InvalidAdapterName, or InvalidAdapter with the reason it cannot be served.
+        lora_config (the engine's LoRAConfig): also check vLLM's own limits (loading.check_vllm_limits)."""
         entry = self.handle.fresh(lora_name)
         for _ in range(3):  # a version replaced while we read it: take the new one
             try:
                 local = self.handle.catalog.local_path(lora_name)
-                self._check_weights(entry)
+                self._check_weights(entry, lora_config)
                 return make_request(entry, local)
             except AdapterChanged:
                 entry = self.handle.fresh(lora_name)
         raise StorageError(lora_name, "the adapter kept changing while it was read; try again")
 
-    def _check_weights(self, entry) -> None:
-        key = (entry.name, entry.version)
+    def _check_weights(self, entry, lora_config=None) -> None:
+        key = (entry.name, entry.version, lora_config is not None)
         if key in self._checked:
             return
         try:
-            self.handle.catalog.load_tensors(entry.name, entry)
+            _, config, tensors = self.handle.catalog.load_peft(entry.name, entry)
+            if lora_config is not None:
+                snapshot = newest_snapshot(os.environ.get(ENV_STATE_DIR, "").strip() or "/nonexistent")
+                check_vllm_limits(entry.name, config, tensors, lora_config, (snapshot or {}).get("lora_modules"))
         except InvalidAdapter as e:
             self.handle.mark_unservable(entry, e.reason)
             raise

@@ -23,6 +23,7 @@ the version check in plugin.py keeps us to the releases whose code we read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -139,8 +140,9 @@ async def _load_catalog_adapter(self, resolver, lora_name):
     engine; an ErrorResponse naming the adapter and the reason; or None if it is not in the catalog.
     Call with self.lora_resolver_lock[lora_name] held."""
     loaded = self.lora_requests
+    lora_config = getattr(getattr(self.engine_client, "vllm_config", None), "lora_config", None)
     try:
-        request = await asyncio.to_thread(resolver.resolve_checked, lora_name)
+        request = await asyncio.to_thread(resolver.resolve_checked, lora_name, lora_config)
     except (AdapterNotFound, InvalidAdapterName):
         loaded.drop(lora_name)  # removed from the catalog
         return None
@@ -157,6 +159,9 @@ async def _load_catalog_adapter(self, resolver, lora_name):
         await self.engine_client.add_lora(request)
     except Exception as e:  # noqa: BLE001 - reported to the client as a 400, in one log line
         log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, str(e).splitlines()[-1:] or e)
+        if "is invalid:" in str(e):  # the worker's InvalidAdapter: this version will never load
+            with contextlib.suppress(CatalogError):
+                resolver.handle.mark_unservable(resolver.handle.catalog.get(lora_name), str(e))
         return _error(f"LoRA adapter '{lora_name}' was found but could not be loaded: {e}", 400)
     loaded.add_catalog(lora_name, request)
     if held is None:

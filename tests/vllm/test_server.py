@@ -280,3 +280,23 @@ def test_residency_metrics_follow_loads_evictions_pins_and_unloads(server):
 
 def assert_level(loaded, name, level):
     assert loaded[name]["level"] == level
+
+
+@pytest.mark.parametrize("name, why", [("too-wide", "max_lora_rank 16"), ("odd-target", "cannot apply LoRA to")])
+def test_what_vllm_would_refuse_is_refused_by_name(server, tmp_path, tiny_model_dir, name, why):
+    """vLLM's own limits are checked before the engine is asked: a 400 naming the adapter and the
+    reason, one log line, the engine untouched (the server runs --max-lora-rank 16)."""
+    from loraplex import toy
+
+    if name == "too-wide":
+        staged = toy.make_adapter(tiny_model_dir, tmp_path / name, r=32, alpha=32, seed=9, targets=("q_proj",))
+    else:  # a module this model does not have: the catalog cannot know, the worker's module list does
+        staged = toy.write_adapter(tmp_path / name, {"model.layers.0.mlp.router_proj": (64, 64)}, r=4)
+    os.rename(staged, server.catalog / name)
+    log_before = server.log.read_text()
+    status, body = _complete(server, name, PROMPTS[0])
+    assert status == 400, body
+    assert f"'{name}'" in body["error"]["message"] and why in body["error"]["message"], body
+    new_log = server.log.read_text()[len(log_before):]
+    assert len([ln for ln in new_log.splitlines() if name in ln]) == 1 and "Traceback" not in new_log
+    assert name not in {card["id"] for card in _http(server.url + "/v1/models")[1]["data"]}
