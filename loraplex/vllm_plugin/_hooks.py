@@ -82,3 +82,21 @@ def after_import(name: str, callback: Callable) -> None:
         done = module is not None and not getattr(spec, "_initializing", False)
         callbacks = _pending.pop(name, []) if done and not isinstance(getattr(spec, "loader", None), _Loader) else []
     _run(callbacks, module)
+
+
+def wrap(owner, attr: str, make: Callable) -> None:
+    """owner.attr = make(original), once: a second call (vLLM loads plugins in every process, maybe
+    more than once) finds it wrapped. owner: a class (its own attribute, not an inherited one) or a
+    module. The wrapper remembers the original for unwrap()."""
+    current = vars(owner)[attr]
+    if getattr(current, "__loraplex_wrapped__", None) is None:
+        new = make(current)
+        new.__loraplex_wrapped__ = current
+        setattr(owner, attr, new)
+
+
+def unwrap(owner, attr: str) -> None:
+    """Undo wrap() (no-op if owner.attr is not ours)."""
+    orig = getattr(vars(owner).get(attr), "__loraplex_wrapped__", None)
+    if orig is not None:
+        setattr(owner, attr, orig)

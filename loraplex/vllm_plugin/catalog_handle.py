@@ -24,7 +24,7 @@ import time
 from ..catalog import Catalog, open_catalog
 from ..catalog.names import check_name
 from ..config import CatalogConfig
-from ..errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName
+from ..errors import AdapterNotFound, InvalidAdapter
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -122,18 +122,6 @@ class CatalogHandle:
             if len(self._unservable) > 10_000:
                 self._unservable.clear()
             self._unservable[(entry.name, entry.version)] = reason
-
-    def lookup(self, name):
-        """get(name), or None if the name is unsafe, unknown or invalid (vLLM then answers 404)."""
-        try:
-            return self.get(name)
-        except InvalidAdapterName as e:
-            log.debug("loraplex: refusing adapter name %r: %s", name, e.reason)
-        except AdapterNotFound:
-            pass
-        except InvalidAdapter as e:
-            log.warning("loraplex: %s", e)
-        return None
 
     def names(self, refresh: bool = True) -> list[str]:
         """Servable adapter names: valid configs, minus versions whose weights failed."""

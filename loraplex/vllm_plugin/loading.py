@@ -45,17 +45,23 @@ def _check_modules(name, tensors, expected, peft_helper, weights_mapper, skip_pr
         raise InvalidAdapter(name, f"targets modules this model cannot apply LoRA to: {sorted(set(unexpected))[:8]}")
 
 
+def _peft_helper(name: str, config: dict, lora_config, max_position_embeddings=None):
+    """vLLM's parsed config of the adapter, after vLLM's own checks (rank limit, features)."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    try:
+        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": max_position_embeddings})
+        peft_helper.validate_legal(lora_config)
+    except ValueError as e:
+        raise InvalidAdapter(name, str(e)) from None
+    return peft_helper
+
+
 def check_vllm_limits(name: str, config: dict, tensors: dict, lora_config, modules=None) -> None:
     """vLLM's own checks of an adapter (rank limit, features; target modules when `modules`, the
     model's LoRA-capable modules, is known), made before the engine is asked: a refusal there costs
     an engine round trip and pages of worker and engine tracebacks. Raises InvalidAdapter."""
-    from vllm.lora.peft_helper import PEFTHelper
-
-    try:
-        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": None})
-        peft_helper.validate_legal(lora_config)
-    except ValueError as e:
-        raise InvalidAdapter(name, str(e)) from None
+    peft_helper = _peft_helper(name, config, lora_config)
     if modules:
         _check_modules(name, tensors, set(modules), peft_helper, None, None)
 
@@ -64,15 +70,9 @@ def build_lora_model(worker_manager, lora_id: int, name: str, config: dict, tens
     """vLLM's LoRAModel (on CPU, in the LoRA dtype) from checked catalog tensors. Raises
     InvalidAdapter naming the adapter for everything vLLM would refuse."""
     from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.peft_helper import PEFTHelper
 
     manager = worker_manager._adapter_manager
-    try:
-        peft_helper = PEFTHelper.from_dict({**config,
-                                            "vllm_max_position_embeddings": worker_manager.max_position_embeddings})
-        peft_helper.validate_legal(worker_manager.lora_config)
-    except ValueError as e:
-        raise InvalidAdapter(name, str(e)) from None
+    peft_helper = _peft_helper(name, config, worker_manager.lora_config, worker_manager.max_position_embeddings)
     model = manager.model
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
+from ._hooks import after_import, unwrap, wrap
+
 log = logging.getLogger("loraplex.vllm_plugin")
 
 ENV_OVERLAP = "LORAPLEX_OVERLAP"
@@ -32,8 +34,6 @@ def install() -> bool:
     Returns False (and changes nothing) where there is no CUDA."""
     from vllm.platforms import current_platform
 
-    from ._hooks import after_import
-
     if not current_platform.is_cuda():
         log.warning("loraplex: %s=1 needs CUDA streams; running LoRA after the base GEMM", ENV_OVERLAP)
         return False
@@ -43,10 +43,15 @@ def install() -> bool:
 
 
 def patch_layers(module) -> None:
-    cls = module.BaseLinearLayerWithLoRA
-    current = cls.__dict__["_apply_async_impl"]
-    if getattr(current, "__loraplex_wrapped__", None) is None:
-        cls._apply_async_impl = _wrap(current)
+    wrap(module.BaseLinearLayerWithLoRA, "_apply_async_impl", _wrap)
+
+
+def unpatch_layers() -> None:
+    import sys
+
+    module = sys.modules.get(MODULE)
+    if module is not None:
+        unwrap(module.BaseLinearLayerWithLoRA, "_apply_async_impl")
 
 
 def _wrap(orig):
@@ -73,7 +78,6 @@ def _wrap(orig):
             wrapper.lora_expand(out2, h, self.lora_b_stacked, self.output_slices)
         return output
 
-    _apply_async_impl.__loraplex_wrapped__ = orig
     return _apply_async_impl
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 
-from ._hooks import after_import
+from ._hooks import after_import, wrap
 from .catalog_handle import ENV_CATALOG
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -179,17 +179,15 @@ def _patch_metrics(module) -> None:
     multiprocess one): add the residency collector to whichever it is."""
     from .residency_metrics import register_collector
 
-    orig = module.get_prometheus_registry
-    if getattr(orig, "__loraplex_wrapped__", None) is not None:
-        return
+    def make(orig):
+        def get_prometheus_registry():
+            registry = orig()
+            register_collector(registry)
+            return registry
 
-    def get_prometheus_registry():
-        registry = orig()
-        register_collector(registry)
-        return registry
+        return get_prometheus_registry
 
-    get_prometheus_registry.__loraplex_wrapped__ = orig
-    module.get_prometheus_registry = get_prometheus_registry
+    wrap(module, "get_prometheus_registry", make)
 
 
 def install_worker_manager() -> None:
@@ -243,9 +241,12 @@ def unregister() -> None:
             from .serving_patch import unpatch_serving_models
 
             unpatch_serving_models()
+        from .overlap import MODULE as LAYERS_MODULE
+        from .overlap import unpatch_layers
         from .prefetch import CORE_MODULE, unpatch_engine_core
 
         unpatch_engine_core()
+        unpatch_layers()
         from . import _hooks
 
         with _hooks._lock:
@@ -253,6 +254,7 @@ def unregister() -> None:
             _hooks._pending.pop(MIXIN_MODULE, None)
             _hooks._pending.pop(METRICS_MODULE, None)
             _hooks._pending.pop(CORE_MODULE, None)
+            _hooks._pending.pop(LAYERS_MODULE, None)
         _installed.clear()
 
 

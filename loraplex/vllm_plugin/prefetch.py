@@ -16,6 +16,8 @@ import logging
 import os
 import time
 
+from ._hooks import unwrap, wrap
+
 log = logging.getLogger("loraplex.vllm_plugin")
 
 ENV_PREFETCH = "LORAPLEX_QUEUE_PREFETCH"
@@ -61,24 +63,16 @@ def _wrap_add_request(orig):
                     log.exception("loraplex: could not announce adapter '%s' to the workers", lora.lora_name)
         return result
 
-    add_request.__loraplex_wrapped__ = orig
     return add_request
 
 
 def patch_engine_core(module) -> None:
-    cls = module.EngineCore
-    current = cls.__dict__["add_request"]
-    if getattr(current, "__loraplex_wrapped__", None) is None:
-        cls.add_request = _wrap_add_request(current)
+    wrap(module.EngineCore, "add_request", _wrap_add_request)
 
 
 def unpatch_engine_core() -> None:
     import sys
 
     module = sys.modules.get(CORE_MODULE)
-    if module is None:
-        return
-    current = module.EngineCore.__dict__.get("add_request")
-    orig = getattr(current, "__loraplex_wrapped__", None)
-    if orig is not None:
-        module.EngineCore.add_request = orig
+    if module is not None:
+        unwrap(module.EngineCore, "add_request")

@@ -29,6 +29,7 @@ import os
 import weakref
 
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
+from ._hooks import unwrap, wrap
 from .catalog_handle import CatalogHandle
 from .identity import split_path
 from .loaded import LoadedAdapters
@@ -44,7 +45,6 @@ def _truthy(value) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 _instances: weakref.WeakSet = weakref.WeakSet()
-_originals: dict[str, object] = {}
 _subscribed: set[int] = set()
 
 
@@ -87,7 +87,6 @@ def _wrap_init(orig):
             except Exception:  # noqa: BLE001 - serving without background refresh is still correct
                 log.exception("loraplex: could not watch the catalog")
 
-    __init__.__loraplex_wrapped__ = orig
     return __init__
 
 
@@ -123,7 +122,6 @@ def _wrap_show(orig):
             result.data.append(base.model_copy(update={"id": name, "root": entry.path, "parent": base.id}))
         return result
 
-    show_available_models.__loraplex_wrapped__ = orig
     return show_available_models
 
 
@@ -182,7 +180,6 @@ def _wrap_resolve(orig):
             return got
         return await orig(self, lora_name)  # other resolvers, then vLLM's 404
 
-    resolve_lora.__loraplex_wrapped__ = orig
     return resolve_lora
 
 
@@ -199,22 +196,23 @@ def _wrap_load(orig):
         if resolver is None:
             return await orig(self, request, base_model_name)
         name = request.lora_name
+        entry, in_catalog = None, True
         try:
             entry = await asyncio.to_thread(resolver.handle.get, name)
         except (AdapterNotFound, InvalidAdapterName):
-            entry = None
+            in_catalog = False
         except CatalogError:
-            entry = True  # a catalog adapter that cannot be served: _load_catalog_adapter says why
-        if entry is None:
+            pass  # in the catalog but unservable: _load_catalog_adapter answers with the reason
+        if not in_catalog:
             if _truthy(os.environ.get(ENV_ALLOW_PATHS, "")):
                 return await orig(self, request, base_model_name)
             return _error(f"'{name}' is not an adapter of this server's catalog ({resolver.handle.url}); this server "
                           f"loads only catalog adapters. Publish it in the catalog, or start the server with "
                           f"{ENV_ALLOW_PATHS}=1 to allow loading adapters from any path.", 403, "ForbiddenError")
         path = split_path(request.lora_path or "")[0]
-        if path and (entry is True or not _same_dir(path, entry.path)):
-            return _error(f"LoRA adapter '{name}' is in the catalog at {getattr(entry, 'path', '?')}; load it by "
-                          f"name (lora_path empty or that directory), not from {path}.", 403, "ForbiddenError")
+        if path and entry is not None and not _same_dir(path, entry.path):
+            return _error(f"LoRA adapter '{name}' is in the catalog at {entry.path}; load it by name (lora_path "
+                          f"empty or that directory), not from {path}.", 403, "ForbiddenError")
         async with self.lora_resolver_lock[name]:
             got = await _load_catalog_adapter(self, resolver, name)
         if got is None:
@@ -223,7 +221,6 @@ def _wrap_load(orig):
             return got  # the ErrorResponse
         return f"Success: LoRA adapter '{name}' added successfully."
 
-    load_lora_adapter.__loraplex_wrapped__ = orig
     return load_lora_adapter
 
 
@@ -241,7 +238,6 @@ def _wrap_unload(orig):
                             request.lora_name, e)
         return result
 
-    unload_lora_adapter.__loraplex_wrapped__ = orig
     return unload_lora_adapter
 
 
@@ -251,23 +247,14 @@ _WRAPS = {"__init__": _wrap_init, "show_available_models": _wrap_show, "resolve_
 
 def patch_serving_models(module) -> None:
     """Wrap OpenAIServingModels' methods (idempotent)."""
-    cls = module.OpenAIServingModels
-    for attr, wrap in _WRAPS.items():
-        current = cls.__dict__[attr]
-        if getattr(current, "__loraplex_wrapped__", None) is None:
-            _originals[attr] = current
-            setattr(cls, attr, wrap(current))
+    for attr, make in _WRAPS.items():
+        wrap(module.OpenAIServingModels, attr, make)
 
 
 def unpatch_serving_models() -> None:
     import sys
 
     module = sys.modules.get(MODULE)
-    if module is None:
-        return
-    cls = module.OpenAIServingModels
-    for attr in _WRAPS:
-        current = cls.__dict__.get(attr)
-        orig = getattr(current, "__loraplex_wrapped__", None)
-        if orig is not None:
-            setattr(cls, attr, orig)
+    if module is not None:
+        for attr in _WRAPS:
+            unwrap(module.OpenAIServingModels, attr)

@@ -95,7 +95,6 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         )
         self._names: dict[int, str] = {}  # lora id -> name, from the requests this worker saw
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
-        self._ranks: dict[int, tuple[int, int]] = {}  # lora id -> (id(LoRAModel), rank)
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
         self._residency = ResidencyReporter(self)
         self._ahead: dict[tuple, tuple] = {}  # host cache key -> (bytes, since): prefetched, held, unused
@@ -202,7 +201,6 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         name = self._names.pop(adapter_id, None)
         if key is not None or name is not None:
             self._host.discard(lambda k: k == key or k[0] == name)
-        self._ranks.pop(adapter_id, None)
         self._residency.publish()
         return removed
 
@@ -214,8 +212,11 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def _apply_adapters(self, lora_requests) -> None:
         loaded = self.list_adapters()
         for req in lora_requests:
-            if req and (req.lora_int_id not in loaded or self._keys.get(req.lora_int_id) != self._key(req)):
-                self._host.prefetch(self._key(req), req)  # all in parallel; add_adapter waits for each
+            if not req:
+                continue
+            key = self._key(req)
+            if req.lora_int_id not in loaded or self._keys.get(req.lora_int_id) != key:
+                self._host.prefetch(key, req)  # all in parallel; add_adapter waits for each
         super()._apply_adapters(lora_requests)
 
     def set_active_adapters(self, requests, mapping) -> None:
@@ -232,17 +233,8 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def _publish_ranks(self) -> None:
         """Give our punica wrappers the real rank of every adapter in a GPU slot."""
         manager = self._adapter_manager
-        ranks = {}
-        for lora_id in manager.lora_index_to_id:
-            if lora_id is None:
-                continue
-            model = manager.get_adapter(lora_id)
-            if model is None:
-                continue
-            cached = self._ranks.get(lora_id)
-            if cached is None or cached[0] != id(model):
-                cached = self._ranks[lora_id] = (id(model), model_rank(model))
-            ranks[lora_id] = cached[1]
+        ranks = {i: self.adapter_rank(i) for i in manager.lora_index_to_id
+                 if i is not None and manager.get_adapter(i) is not None}
         for wrapper in getattr(manager, "punica_wrapper_mapping", {}).values():
             if hasattr(wrapper, "adapter_ranks") and wrapper.adapter_ranks != ranks:
                 wrapper.adapter_ranks = ranks
@@ -261,6 +253,8 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return name
 
     def adapter_rank(self, lora_id: int) -> int:
+        """The real rank of the adapter vLLM holds under lora_id, cached per version (its host cache
+        key: an in-place reload brings a new key, so a changed rank is never served stale)."""
         key = self._keys.get(lora_id)
         if key is not None and key in self._rank_of:
             return self._rank_of[key]
