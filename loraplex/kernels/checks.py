@@ -45,7 +45,8 @@ def shape(op, name, t, expected):
         _fail(op, f"{name} must have shape {want}, got {list(got)}")
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """A CUDA graph is being captured on the current stream."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -58,7 +59,7 @@ def plan(op, p, num_tokens, device):
         _fail(op, "the plan has no work list (build it with PlanBuffers.build)")
     # A graph replays the grid sized at capture: bounded by this step's adapters, it would silently skip
     # the tokens of any adapter beyond them in a later plan written into the same buffers.
-    if p.max_active < p.max_loras and _capturing():
+    if p.max_active < p.max_loras and capturing():
         _fail(op, f"a CUDA graph is being captured with a plan bounded to {p.max_active} of {p.max_loras} slots; "
                   "build plans for capture with max_active=None (Runtime.plan(..., static=True) does)")
 

@@ -18,15 +18,12 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from ..errors import LaunchError
 from ..kernels import ops
+from ..kernels.checks import capturing
 from ..runtime.plan import PlanBuffers
 
 _DEFAULT_MAX_LORAS = 8
 _DEFAULT_MAX_RANK = 16
 _MAX_SLICES = 3  # qkv
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _slots_view(w: torch.Tensor) -> torch.Tensor:
@@ -150,7 +147,7 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
 
     def _skip(self, kind) -> bool:
         # No adapter in the batch: nothing to add (a CUDA graph being captured must hold the kernels).
-        return not self._adapters[kind] and not _capturing()
+        return not self._adapters[kind] and not capturing()
 
     def _shrink_out(self, n_slices, rows, R, device):
         """[n_slices, rows, R] fp32 for a shrink: a view of the scratch when it fits."""
