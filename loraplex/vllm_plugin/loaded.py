@@ -39,7 +39,7 @@ class LoadedAdapters(dict):
             return True
         held = dict.get(self, name)
         try:
-            entry = resolver.handle.fresh(name)
+            entry = resolver.handle.entry(name)
         except CatalogError:
             return False
         return held is not None and split_path(held.lora_path)[1] == version_token(entry.version)

@@ -9,7 +9,7 @@ residency scorer), under the names proposed upstream (vLLM #51433 / #54830 / #54
   vllm:lora_adapter_load_seconds                    histogram: storage -> adapter ready in host memory
   loraplex_host_cache_{bytes,max_bytes,entries,pinned,loading}, loraplex_host_cache_{hits,misses,
   loads,evictions,failures}_total                   the host cache under vLLM's
-  loraplex_queue_prefetches_total                   loads started for queued requests (prefetch.py)
+  loraplex_queue_prefetches_total                   loads started for queued requests (engine_core.py)
 
 A collector reads the snapshots the workers write (residency.py) at every scrape.
 """

@@ -95,7 +95,7 @@ def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, e
         mp.setenv(key, value)
     vllm_plugin.unregister()
     # vLLM loads plugins once per process, maybe before this env existed: register explicitly.
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
+    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "engine_core"}
     from vllm import LLM
 
     llm = LLM(model=tiny_model_dir, enable_lora=True, max_lora_rank=16, dtype="float32", enforce_eager=True,
