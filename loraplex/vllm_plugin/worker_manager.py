@@ -110,6 +110,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         self._residency = ResidencyReporter(self)
         self._rank_of: dict[tuple, int] = {}  # host cache key -> rank (residency metrics)
         self._in_step = False
+        self.last_step_adapters: list[int] = []
         self._init_requests()
 
     def create_lora_manager(self, *args, **kwargs):
@@ -240,7 +241,9 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         return set(lost)
 
     def set_active_adapters(self, requests, mapping) -> None:
+        requests = self._step_requests(requests, mapping)
         self._in_step = True
+        self.last_step_adapters = sorted(r.lora_int_id for r in requests)  # tests, debugging
         try:
             lost = self._apply_adapters(requests)
         finally:
@@ -342,7 +345,9 @@ def _invoke(worker, method, args, kwargs):
     if manager is None:
         raise ConfigError("this engine does not use loraplex's worker LoRA manager (is LORAPLEX_CATALOG set "
                           "and LoRA enabled?)")
-    result = getattr(manager, method)(*args, **kwargs)
+    result = getattr(manager, method)
+    if callable(result):
+        result = result(*args, **kwargs)
     # Futures do not cross process boundaries: report that the load started.
     return True if hasattr(result, "add_done_callback") else result
 

@@ -36,6 +36,7 @@ class RequestsMixin:
         self._prefetch = prefetch_enabled()
         self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
         self.failed_requests = 0
+        self._request_of_id: dict[int, object] = {}  # lora id -> a LoRARequest for it, while bound
 
     # ---- binding requests to versions -----------------------------------------------------------
     def _bind(self, req_id: str, req) -> tuple:
@@ -43,7 +44,19 @@ class RequestsMixin:
         if self.ledger.hold(req_id, key):
             self._host.hold(key)
         self._names[req.lora_int_id] = req.lora_name
+        self._request_of_id[req.lora_int_id] = req
         return key
+
+    def _step_requests(self, requests, mapping) -> list:
+        """The step's adapters, one request per lora id. vLLM hands them over as a set of LoRARequests,
+        which compare equal by name: two versions of one name collapse into one there, while the
+        mapping has both ids. The mapping is the truth; the missing requests come from the bindings."""
+        by_id = {r.lora_int_id: r for r in requests if r}
+        if mapping is not None:
+            for lora_id in set(mapping.index_mapping) | set(mapping.prompt_mapping):
+                if lora_id > 0 and lora_id not in by_id and lora_id in self._request_of_id:
+                    by_id[int(lora_id)] = self._request_of_id[lora_id]
+        return list(by_id.values())
 
     def announce(self, items) -> int:
         """[(request id, LoRARequest)] of requests the engine core just queued: bind each to its
@@ -70,6 +83,8 @@ class RequestsMixin:
                 self._release(key)
 
     def _release(self, key) -> None:
+        for lora_id in [i for i, r in self._request_of_id.items() if self._key(r) == key]:
+            del self._request_of_id[lora_id]
         self._ahead.pop(key, None)
         self._lost.pop(key, None)
         self._host.release(key)
