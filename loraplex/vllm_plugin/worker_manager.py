@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 
 import msgspec
 import torch
@@ -111,6 +112,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         self._rank_of: dict[tuple, int] = {}  # host cache key -> rank (residency metrics)
         self._in_step = False
         self.last_step_adapters: list[int] = []
+        self.max_versions_in_step = 0  # most versions of one name in one step (metrics)
         self._init_requests()
 
     def create_lora_manager(self, *args, **kwargs):
@@ -244,6 +246,9 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         requests = self._step_requests(requests, mapping)
         self._in_step = True
         self.last_step_adapters = sorted(r.lora_int_id for r in requests)  # tests, debugging
+        if len(requests) > 1:
+            per_name = Counter(r.lora_name for r in requests).most_common(1)[0][1]
+            self.max_versions_in_step = max(self.max_versions_in_step, per_name)
         try:
             lost = self._apply_adapters(requests)
         finally:

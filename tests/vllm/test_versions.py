@@ -30,8 +30,9 @@ def engine(tiny_model_dir, adapter_source, tmp_path_factory):
 class Stepper:
     """Requests added to vLLM's engine one by one and stepped by hand; final outputs by request id."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, track_batches=True):
         self.engine = engine
+        self.track_batches = track_batches
         self.llm_engine = engine.llm.llm_engine
         self.done: dict[str, object] = {}
         self.batches: list[set[int]] = []  # lora ids of each step's batch
@@ -54,7 +55,8 @@ class Stepper:
             for out in self.llm_engine.step():
                 if out.finished:
                     self.done[out.request_id] = out
-            self.batches.append(set(self.engine_manager("last_step_adapters")))
+            if self.track_batches:
+                self.batches.append(set(self.engine_manager("last_step_adapters")))
 
     def run(self, *rids, limit=200) -> list:
         for _ in range(limit):
