@@ -129,11 +129,32 @@ class CatalogHandle:
                 if check_weights:
                     self._check_weights(entry, lora_config)
                 token = version_token(entry.version)
+                # the real directory: a publisher that swaps a symlink leaves this version readable there
+                local = os.path.realpath(self.catalog.local_path(name))
                 return LoRARequest(lora_name=entry.name, lora_int_id=version_id(entry.name, token),
-                                   lora_path=catalog_path(self.catalog.local_path(name), entry.version))
+                                   lora_path=catalog_path(local, entry.version))
             except AdapterChanged:
                 entry = self.entry(name)
         raise StorageError(name, "the adapter kept changing while it was read; try again")
+
+    def load_version(self, name: str, token: str, directory: str | None):
+        """(config dict, checked tensors) of the version of `name` that `token` names: the current one,
+        or one still intact in `directory` (the real directory it was resolved in) after the catalog
+        moved on. AdapterChanged if that version is nowhere to be read."""
+        try:
+            entry = self.entry(name, fresh=False)
+            if version_token(entry.version) != token:
+                entry = self.entry(name)  # this process may not have seen the change yet
+            if version_token(entry.version) == token:
+                return self.catalog.load_peft(name, entry)[1:]
+        except (AdapterNotFound, AdapterChanged):
+            pass
+        root_real = getattr(getattr(self.catalog, "_store", None), "root_real", None)
+        if directory is None or self.remote or root_real is None:
+            raise AdapterChanged(name, token, None)
+        from ..catalog.at_path import read_version_at
+
+        return read_version_at(name, directory, root_real, lambda version: version_token(version) == token)
 
     def _check_weights(self, entry, lora_config=None) -> None:
         key = (entry.name, entry.version, lora_config is not None)

@@ -34,6 +34,7 @@ MIXIN_MODULE = "vllm.v1.worker.lora_model_runner_mixin"
 RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner",  # the V1 model runner (CPU's subclasses it)
                   "vllm.v1.worker.gpu.model_runner")  # vLLM 0.33's V2 model runner (its GPU default)
 ERRORS_MODULE = "vllm.entrypoints.generate.base.serving"
+CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
 
@@ -159,9 +160,15 @@ def install_serving() -> None:
 
         patch_generation_errors(module)
 
+    def patch_checks(module):
+        from .serving_patch import patch_request_checks
+
+        patch_request_checks(module)
+
     _ensure_state_dir()
     after_import(SERVING_MODULE, patch)
     after_import(ERRORS_MODULE, patch_errors)
+    after_import(CHECK_MODULE, patch_checks)
     after_import(METRICS_MODULE, _patch_metrics)
 
 
@@ -268,13 +275,14 @@ def unregister() -> None:
             from .worker_manager import unpatch_model_runners
 
             unpatch_model_runners()
-        if ERRORS_MODULE in sys.modules:
-            from .serving_patch import unpatch_generation_errors
+        if ERRORS_MODULE in sys.modules or CHECK_MODULE in sys.modules:
+            from .serving_patch import unpatch_generation_errors, unpatch_request_checks
 
             unpatch_generation_errors()
+            unpatch_request_checks()
         with _hooks._lock:
             for name in (SERVING_MODULE, MIXIN_MODULE, METRICS_MODULE, CORE_MODULE, SCHEDULER_MODULE,
-                         LAYERS_MODULE, ERRORS_MODULE, *RUNNER_MODULES):
+                         LAYERS_MODULE, ERRORS_MODULE, CHECK_MODULE, *RUNNER_MODULES):
                 _hooks._pending.pop(name, None)
         _installed.clear()
 

@@ -16,6 +16,8 @@ OpenAIServingModels.
 - _raise_if_error (GenerateBaseServing): a request the engine failed because its adapter version
   was lost (failures.py) is answered with a 503 naming the adapter and saying to retry, instead of
   vLLM's bare 500 "Internal server error".
+- _check_model (BaseServing): opens the request's scope, so vLLM's later lookups of its adapter
+  in the same request see the version its first lookup bound it to (loaded.py).
 - __init__: remembers the instance, so that catalog refreshes can forget adapters that changed or
   disappeared (the next request re-resolves them: reloaded in place, or 404).
 
@@ -35,7 +37,7 @@ from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageE
 from ._hooks import unwrap, wrap
 from .catalog_handle import CatalogHandle
 from .identity import split_path
-from .loaded import LoadedAdapters
+from .loaded import LoadedAdapters, bind_request, bound
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -153,8 +155,9 @@ async def _load_catalog_adapter(self, resolver, lora_name):
         if isinstance(e, StorageError):
             return _error(str(e), 503, "ServiceUnavailableError")
         return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
-    held = loaded.get(lora_name)
+    held = dict.get(loaded, lora_name)
     if held is not None and held.lora_path == request.lora_path:
+        bound(lora_name, held)
         return held
     try:
         await self.engine_client.add_lora(request)
@@ -293,3 +296,26 @@ def unpatch_generation_errors() -> None:
     module = sys.modules.get(ERRORS_MODULE)
     if module is not None:
         unwrap(module.GenerateBaseServing, "_raise_if_error")
+
+
+CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
+
+
+def _wrap_check_model(orig):
+    async def _check_model(self, request, *args, **kwargs):
+        bind_request()
+        return await orig(self, request, *args, **kwargs)
+
+    return _check_model
+
+
+def patch_request_checks(module) -> None:
+    wrap(module.BaseServing, "_check_model", _wrap_check_model)
+
+
+def unpatch_request_checks() -> None:
+    import sys
+
+    module = sys.modules.get(CHECK_MODULE)
+    if module is not None:
+        unwrap(module.BaseServing, "_check_model")

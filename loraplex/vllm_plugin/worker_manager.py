@@ -34,10 +34,10 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ..config import RuntimeConfig
-from ..errors import AdapterChanged, CatalogError
+from ..errors import CatalogError
 from .catalog_handle import get_handle
 from .host_cache import HostAdapterCache
-from .identity import split_path, version_token
+from .identity import split_path
 from .loading import build_lora_model
 from .residency import ResidencyReporter
 from .worker_catalog import CatalogMixin
@@ -144,29 +144,20 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
 
     def _load_packed(self, req: LoRARequest):
         """Runs on the loader pool: the adapter as a vLLM LoRAModel, packed (qkv, gate_up) and scaled,
-        ready for add_adapter as is."""
+        ready for add_adapter as is. A catalog request gets exactly the version it names (the current
+        one, or one still intact where it was resolved), through the catalog's checked reader."""
         start = time.perf_counter()
-        _, token = split_path(req.lora_path)
+        directory, token = split_path(req.lora_path)
         if token is None:
             lora = super()._load_adapter(req)
         else:
-            lora = self._load_catalog_version(req.lora_name, token, req.lora_int_id)
+            config, tensors = self._require_catalog().load_version(req.lora_name, token, directory)
+            lora = build_lora_model(self, req.lora_int_id, req.lora_name, config, tensors)
         pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
         if pack is not None:
             pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
         self._residency.load_times.observe(time.perf_counter() - start)
         return lora
-
-    def _load_catalog_version(self, name: str, token: str, lora_id: int):
-        """Exactly the version `token` names, through the catalog's checked reader."""
-        handle = self._require_catalog()
-        entry = handle.entry(name, fresh=False)
-        if version_token(entry.version) != token:
-            entry = handle.entry(name)  # this process may not have seen the change yet
-        if version_token(entry.version) != token:
-            raise AdapterChanged(name, token, version_token(entry.version))
-        _, config, tensors = handle.catalog.load_peft(name, entry)
-        return build_lora_model(self, lora_id, name, config, tensors)
 
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)

@@ -126,3 +126,27 @@ def test_queued_request_keeps_its_version_through_eviction_and_republish(server,
     assert http(server.url + "/health")[0] == 200
     assert complete(server, "x", PROMPT, 8) == (200, ref(server, "gamma-r16", 8))
     assert complete(server, server.model, PROMPT, 8) == (200, ref(server, None, 8))
+
+
+SOAK_S = float(os.environ.get("LORAPLEX_SERVE_SOAK_S", "20"))
+LONG_SOAK_S = float(os.environ.get("LORAPLEX_SERVE_LONG_SOAK_S", "300"))
+
+
+def _soak(server, tmp_path, seconds):
+    from .serve_soak import ServeSoak
+
+    result = ServeSoak(server, lambda src, prompt, n: ref(server, src, n, prompt), tmp_path).run(seconds)
+    print(f"\nserve soak {seconds:.0f}s: {result.summary()}")
+    assert not result.errors, result.errors[:5]
+    assert not result.mismatches, result.mismatches[:5]
+    assert result.requests >= 10 and result.republishes >= seconds, result.summary()
+    assert gauge(server, "loraplex_requests_failed_total") == 0
+
+
+def test_churn_soak(server, tmp_path):
+    _soak(server, tmp_path, SOAK_S)
+
+
+@pytest.mark.soak
+def test_churn_soak_long(server, tmp_path):
+    _soak(server, tmp_path, LONG_SOAK_S)
