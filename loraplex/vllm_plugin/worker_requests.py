@@ -8,6 +8,7 @@ loader callbacks, which only report.
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..errors import AdapterChanged, AdapterNotFound, CatalogError
 from . import failures
@@ -33,10 +34,11 @@ class RequestsMixin:
         self.ledger = VersionLedger()
         self._ahead: dict[tuple, int] = {}  # held keys loaded ahead of their first step -> bytes
         self._lost: dict[tuple, str] = {}  # held keys that cannot be loaded -> why
+        self._lost_lock = threading.Lock()  # the engine thread and loader callbacks mark versions lost
         self._prefetch = prefetch_enabled()
         self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
         self.failed_requests = 0
-        self._request_of_id: dict[int, object] = {}  # lora id -> a LoRARequest for it, while bound
+        self._request_of_id: dict[int, tuple] = {}  # lora id -> (a LoRARequest for it, its key), while bound
 
     # ---- binding requests to versions -----------------------------------------------------------
     def _bind(self, req_id: str, req) -> tuple:
@@ -44,7 +46,12 @@ class RequestsMixin:
         if self.ledger.hold(req_id, key):
             self._host.hold(key)
         self._names[req.lora_int_id] = req.lora_name
-        self._request_of_id[req.lora_int_id] = req
+        self._request_of_id[req.lora_int_id] = (req, key)
+        with self._lost_lock:
+            message = self._lost.get(key)
+            if message is not None and req_id in self.ledger.holders(key):
+                self.failed_requests += 1
+                failures.report([req_id], message)
         return key
 
     def _step_requests(self, requests, mapping) -> list:
@@ -55,7 +62,7 @@ class RequestsMixin:
         if mapping is not None:
             for lora_id in set(mapping.index_mapping) | set(mapping.prompt_mapping):
                 if lora_id > 0 and lora_id not in by_id and lora_id in self._request_of_id:
-                    by_id[int(lora_id)] = self._request_of_id[lora_id]
+                    by_id[int(lora_id)] = self._request_of_id[lora_id][0]
         return list(by_id.values())
 
     def announce(self, items) -> int:
@@ -65,9 +72,7 @@ class RequestsMixin:
         now_loading = []
         for req_id, req in items:
             key = self._bind(req_id, req)
-            if key in self._lost:
-                failures.report([req_id], self._lost[key])
-            elif self._prefetch:
+            if self._prefetch and key not in self._lost:
                 now_loading.append((key, req))
         return self._load_ahead(now_loading)
 
@@ -83,7 +88,7 @@ class RequestsMixin:
                 self._release(key)
 
     def _release(self, key) -> None:
-        for lora_id in [i for i, r in self._request_of_id.items() if self._key(r) == key]:
+        for lora_id in [i for i, (_, k) in self._request_of_id.items() if k == key]:
             del self._request_of_id[lora_id]
         self._ahead.pop(key, None)
         self._lost.pop(key, None)
@@ -154,14 +159,17 @@ class RequestsMixin:
 
     # ---- failing what cannot run ----------------------------------------------------------------
     def _mark_lost(self, key, req, err) -> str:
-        message = self._lost.get(key)
-        if message is None:
+        """Fail every unfinished request on this version (once: later ones fail as they are bound)."""
+        with self._lost_lock:
+            message = self._lost.get(key)
+            if message is not None:
+                return message
             message = _lost_message(req, err)
             if key in self.ledger:
-                self._lost[key] = message
-            log.warning("loraplex: %s", message)
-        holders = self.ledger.holders(key)
-        self.failed_requests += len(holders)
+                self._lost[key] = message  # until its last request is done
+            holders = self.ledger.holders(key)
+            self.failed_requests += len(holders)
+        log.warning("loraplex: %s", message)
         failures.report(holders, message)
         return message
 

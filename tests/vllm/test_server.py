@@ -51,10 +51,11 @@ def test_completions_by_adapter_name(server, reference, name, prompt):
     assert status == 200, tokens
     assert tokens == reference(None if name is None else server.catalog / name, prompt)
     if name is not None:
-        # served under the catalog's deterministic id (the same in every replica), not a counter
+        # served under its version's deterministic id (the same in every replica), not a counter
         from loraplex.catalog import Catalog
+        from loraplex.vllm_plugin.identity import version_id, version_token
 
-        lora_id = Catalog(server.catalog).get_adapter_id(name)
+        lora_id = version_id(name, version_token(Catalog(server.catalog).get(name).version))
         assert f"serving adapter '{name}' (id {lora_id})" in server.log.read_text()
 
 

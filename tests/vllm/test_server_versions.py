@@ -102,7 +102,7 @@ def test_delete_during_a_request(server, tmp_path):
 
 def test_queued_request_keeps_its_version_through_eviction_and_republish(server, tmp_path):
     """The race that used to stop the engine (EngineDeadError, then HTTP 500 for everyone)."""
-    streams = [Stream(server, "alpha-r4", PROMPT, LONG_GEN) for _ in range(2)]  # both sequences busy
+    streams = [Stream(server, "alpha-r4", PROMPT, 180) for _ in range(2)]  # both sequences busy, for long
     for s in streams:
         s.next_tokens(2)
     publish(server, "beta-r8", "x", tmp_path)
@@ -115,12 +115,13 @@ def test_queued_request_keeps_its_version_through_eviction_and_republish(server,
     for i, name in enumerate(("x", "gamma-r16")):  # x resolved and queued, then gamma pushes it out of caches
         threads.append(threading.Thread(target=send, args=(name,)))
         threads[-1].start()
-        wait_for(lambda i=i: gauge(server, "vllm:num_requests_waiting") >= i + 1, what=f"{name} to be queued")
+        wait_for(lambda i=i: gauge(server, "vllm:num_requests_waiting") >= i + 1, timeout=60,
+                 what=f"{name} to be queued behind the streams")
     publish(server, "gamma-r16", "x", tmp_path)  # x's version is gone from storage now
     for t in threads:
         t.join(timeout=180)
     for s in streams:
-        assert s.finish() == ref(server, "alpha-r4", LONG_GEN) and not s.errors
+        assert s.finish() == ref(server, "alpha-r4", 180) and not s.errors
     assert answers["x"] == (200, ref(server, "beta-r8", 8)), "x was not served by the version it was resolved to"
     assert answers["gamma-r16"] == (200, ref(server, "gamma-r16", 8))
     assert http(server.url + "/health")[0] == 200
