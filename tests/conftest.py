@@ -30,7 +30,10 @@ def pytest_collection_modifyitems(config, items):
         has_vllm = True
     except Exception:  # noqa: BLE001 - a broken vllm install counts as absent
         has_vllm = False
+    soak = "soak" in (config.option.markexpr or "")
     for item in items:
+        if "soak" in item.keywords and not soak:
+            item.add_marker(pytest.mark.skip(reason="long soak: run with -m soak"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "vllm" in item.keywords and not has_vllm:

@@ -11,7 +11,9 @@ What it installs:
   resolver        CatalogLoRAResolver in vLLM's LoRAResolverRegistry
   serving         OpenAIServingModels wraps (listing, deterministic ids), when the server imports it
   worker_manager  LoraplexWorkerLoRAManager, when the model runner's module is imported
-  prefetch        the engine core announces queued requests' adapters to the workers (prefetch.py)
+  engine_core     the engine core announces every request's adapter version to the workers (their
+                  ledger; queued adapters load ahead unless LORAPLEX_QUEUE_PREFETCH=0) and fails
+                  only the requests whose version is lost (engine_core.py)
   overlap         LORAPLEX_OVERLAP=1 on CUDA: LoRA shrink under the base GEMM (overlap.py)
 """
 
@@ -29,6 +31,10 @@ log = logging.getLogger("loraplex.vllm_plugin")
 ENV_ENABLE = "LORAPLEX_ENABLE"
 ENV_KERNELS = "LORAPLEX_KERNELS"
 MIXIN_MODULE = "vllm.v1.worker.lora_model_runner_mixin"
+RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner",  # the V1 model runner (CPU's subclasses it)
+                  "vllm.v1.worker.gpu.model_runner")  # vLLM 0.33's V2 model runner (its GPU default)
+ERRORS_MODULE = "vllm.entrypoints.generate.base.serving"
+CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
 
@@ -59,11 +65,7 @@ def wanted_parts(environ=None) -> set[str]:
         if wanted(environ):
             parts.add("overlap")
     if catalog:
-        parts |= {"resolver", "serving", "worker_manager"}
-        from .prefetch import enabled
-
-        if enabled(environ):
-            parts.add("prefetch")
+        parts |= {"resolver", "serving", "worker_manager", "engine_core"}
     return parts
 
 
@@ -153,8 +155,20 @@ def install_serving() -> None:
 
         patch_serving_models(module)
 
+    def patch_errors(module):
+        from .serving_patch import patch_generation_errors
+
+        patch_generation_errors(module)
+
+    def patch_checks(module):
+        from .serving_patch import patch_request_checks
+
+        patch_request_checks(module)
+
     _ensure_state_dir()
     after_import(SERVING_MODULE, patch)
+    after_import(ERRORS_MODULE, patch_errors)
+    after_import(CHECK_MODULE, patch_checks)
     after_import(METRICS_MODULE, _patch_metrics)
 
 
@@ -199,7 +213,14 @@ def install_worker_manager() -> None:
             _mixin_original[:] = [(module, current)]
             module.LRUCacheWorkerLoRAManager = LoraplexWorkerLoRAManager
 
+    def patch_runner(module):
+        from .worker_manager import patch_model_runner
+
+        patch_model_runner(module)
+
     after_import(MIXIN_MODULE, patch)
+    for name in RUNNER_MODULES:
+        after_import(name, patch_runner)
 
 
 def install_overlap() -> None:
@@ -208,14 +229,15 @@ def install_overlap() -> None:
     install()
 
 
-def install_prefetch() -> None:
-    from .prefetch import CORE_MODULE, patch_engine_core
+def install_engine_core() -> None:
+    from .engine_core import CORE_MODULE, SCHEDULER_MODULE, patch_engine_core, patch_scheduler
 
     after_import(CORE_MODULE, patch_engine_core)
+    after_import(SCHEDULER_MODULE, patch_scheduler)
 
 
 _INSTALLERS = {"kernels": install_kernels, "resolver": install_resolver, "serving": install_serving,
-               "worker_manager": install_worker_manager, "prefetch": install_prefetch, "overlap": install_overlap}
+               "worker_manager": install_worker_manager, "engine_core": install_engine_core, "overlap": install_overlap}
 
 
 def unregister() -> None:
@@ -241,20 +263,27 @@ def unregister() -> None:
             from .serving_patch import unpatch_serving_models
 
             unpatch_serving_models()
+        from . import _hooks
+        from .engine_core import CORE_MODULE, SCHEDULER_MODULE
+        from .engine_core import unpatch as unpatch_engine_core
         from .overlap import MODULE as LAYERS_MODULE
         from .overlap import unpatch_layers
-        from .prefetch import CORE_MODULE, unpatch_engine_core
 
         unpatch_engine_core()
         unpatch_layers()
-        from . import _hooks
+        if any(name in sys.modules for name in RUNNER_MODULES):
+            from .worker_manager import unpatch_model_runners
 
+            unpatch_model_runners()
+        if ERRORS_MODULE in sys.modules or CHECK_MODULE in sys.modules:
+            from .serving_patch import unpatch_generation_errors, unpatch_request_checks
+
+            unpatch_generation_errors()
+            unpatch_request_checks()
         with _hooks._lock:
-            _hooks._pending.pop(SERVING_MODULE, None)
-            _hooks._pending.pop(MIXIN_MODULE, None)
-            _hooks._pending.pop(METRICS_MODULE, None)
-            _hooks._pending.pop(CORE_MODULE, None)
-            _hooks._pending.pop(LAYERS_MODULE, None)
+            for name in (SERVING_MODULE, MIXIN_MODULE, METRICS_MODULE, CORE_MODULE, SCHEDULER_MODULE,
+                         LAYERS_MODULE, ERRORS_MODULE, CHECK_MODULE, *RUNNER_MODULES):
+                _hooks._pending.pop(name, None)
         _installed.clear()
 
 

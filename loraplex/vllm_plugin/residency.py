@@ -102,7 +102,8 @@ class ResidencyReporter:
         # sets, not the LRU order: vLLM touches that for every request at every step
         return (tuple(am.lora_index_to_id), frozenset(am._registered_adapters.cache),
                 len(am._registered_adapters.pinned_items), len(am._active_adapters.pinned_items),
-                m._host.generation, sum(self.load_times.counts))
+                m._host.generation, sum(self.load_times.counts), len(m.ledger.keys()), m.failed_requests,
+                m.max_versions_in_step)
 
     def state(self) -> dict:
         m = self.manager
@@ -128,6 +129,8 @@ class ResidencyReporter:
             "adapters": [{"name": n, "level": lv, "pinned": p, "rank": r}
                          for n, (lv, p, r) in sorted(adapters.items())],
             "host": {**m._host.stats(), "queue_prefetches": m.queue_prefetches},
+            "versions": {"held": len(m.ledger.keys()), "max_in_step": m.max_versions_in_step,
+                         "failed_requests": m.failed_requests},
             "load_seconds": self.load_times.state(),
         }
 

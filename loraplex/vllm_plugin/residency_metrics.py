@@ -9,7 +9,10 @@ residency scorer), under the names proposed upstream (vLLM #51433 / #54830 / #54
   vllm:lora_adapter_load_seconds                    histogram: storage -> adapter ready in host memory
   loraplex_host_cache_{bytes,max_bytes,entries,pinned,loading}, loraplex_host_cache_{hits,misses,
   loads,evictions,failures}_total                   the host cache under vLLM's
-  loraplex_queue_prefetches_total                   loads started for queued requests (prefetch.py)
+  loraplex_queue_prefetches_total                   loads started for queued requests (engine_core.py)
+  loraplex_versions_held                            adapter versions held by unfinished requests (ledger.py)
+  loraplex_versions_in_one_step_max                 most versions of one adapter name seen in one step
+  loraplex_requests_failed_total                    requests failed because their adapter version was lost
 
 A collector reads the snapshots the workers write (residency.py) at every scrape.
 """
@@ -68,6 +71,13 @@ class ResidencyCollector:
             yield CounterMetricFamily(f"loraplex_host_cache_{key}", f"Host cache {key}", value=host.get(key, 0))
         yield CounterMetricFamily("loraplex_queue_prefetches", "Adapter loads started for requests still waiting "
                                   "in the scheduler", value=host.get("queue_prefetches", 0))
+        versions = state.get("versions", {})
+        yield GaugeMetricFamily("loraplex_versions_held", "Adapter versions held by unfinished requests",
+                                value=versions.get("held", 0))
+        yield GaugeMetricFamily("loraplex_versions_in_one_step_max", "Most versions of one adapter name in one step",
+                                value=versions.get("max_in_step", 0))
+        yield CounterMetricFamily("loraplex_requests_failed", "Requests failed because the adapter version they "
+                                  "started with could not be loaded", value=versions.get("failed_requests", 0))
 
 
 def register_collector(registry, directory: str | None = None) -> None:

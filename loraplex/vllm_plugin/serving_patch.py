@@ -13,6 +13,11 @@ OpenAIServingModels.
   LORAPLEX_ALLOW_RUNTIME_LORA_PATHS=1: runtime LoRA updating, which resolvers need, must not let any
   client load any file on the server.
 - unload_lora_adapter: also frees the engine's copies (vLLM only forgets the name).
+- _raise_if_error (GenerateBaseServing): a request the engine failed because its adapter version
+  was lost (failures.py) is answered with a 503 naming the adapter and saying to retry, instead of
+  vLLM's bare 500 "Internal server error".
+- _check_model (BaseServing): opens the request's scope, so vLLM's later lookups of its adapter
+  in the same request see the version its first lookup bound it to (loaded.py).
 - __init__: remembers the instance, so that catalog refreshes can forget adapters that changed or
   disappeared (the next request re-resolves them: reloaded in place, or 404).
 
@@ -32,7 +37,7 @@ from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageE
 from ._hooks import unwrap, wrap
 from .catalog_handle import CatalogHandle
 from .identity import split_path
-from .loaded import LoadedAdapters
+from .loaded import LoadedAdapters, bind_request, bound
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -150,8 +155,9 @@ async def _load_catalog_adapter(self, resolver, lora_name):
         if isinstance(e, StorageError):
             return _error(str(e), 503, "ServiceUnavailableError")
         return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
-    held = loaded.get(lora_name)
+    held = dict.get(loaded, lora_name)
     if held is not None and held.lora_path == request.lora_path:
+        bound(lora_name, held)
         return held
     try:
         await self.engine_client.add_lora(request)
@@ -198,7 +204,7 @@ def _wrap_load(orig):
         name = request.lora_name
         entry, in_catalog = None, True
         try:
-            entry = await asyncio.to_thread(resolver.handle.get, name)
+            entry = await asyncio.to_thread(resolver.handle.entry, name, fresh=False)
         except (AdapterNotFound, InvalidAdapterName):
             in_catalog = False
         except CatalogError:
@@ -258,3 +264,58 @@ def unpatch_serving_models() -> None:
     if module is not None:
         for attr in _WRAPS:
             unwrap(module.OpenAIServingModels, attr)
+
+
+ERRORS_MODULE = "vllm.entrypoints.generate.base.serving"
+
+
+def _wrap_raise_if_error(orig):
+    def _raise_if_error(self, finish_reason, request_id):
+        if finish_reason == "error":
+            from . import failures
+
+            message = failures.take_error(request_id)
+            if message is not None:
+                try:
+                    from vllm.exceptions import RetryableRequestError as Error
+                except ImportError:  # older vLLM: a 500 with the reason
+                    from vllm.exceptions import GenerationError as Error
+                raise Error(message)
+        return orig(self, finish_reason, request_id)
+
+    return _raise_if_error
+
+
+def patch_generation_errors(module) -> None:
+    wrap(module.GenerateBaseServing, "_raise_if_error", _wrap_raise_if_error)
+
+
+def unpatch_generation_errors() -> None:
+    import sys
+
+    module = sys.modules.get(ERRORS_MODULE)
+    if module is not None:
+        unwrap(module.GenerateBaseServing, "_raise_if_error")
+
+
+CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
+
+
+def _wrap_check_model(orig):
+    async def _check_model(self, request, *args, **kwargs):
+        bind_request()
+        return await orig(self, request, *args, **kwargs)
+
+    return _check_model
+
+
+def patch_request_checks(module) -> None:
+    wrap(module.BaseServing, "_check_model", _wrap_check_model)
+
+
+def unpatch_request_checks() -> None:
+    import sys
+
+    module = sys.modules.get(CHECK_MODULE)
+    if module is not None:
+        unwrap(module.BaseServing, "_check_model")

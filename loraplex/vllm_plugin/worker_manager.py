@@ -5,14 +5,16 @@ it, one adapter after another, and forgets it entirely once it falls out of `max
 subclass keeps vLLM's methods and behaviour and changes where adapters come from:
 
 - catalog adapters are read through the catalog (loading.py): exactly the version the request names
-  (identity.py), weights checked before vLLM sees them; other adapters go through vLLM's loader;
+  (identity.py: one lora id per version), weights checked before vLLM sees them; other adapters go
+  through vLLM's loader;
 - every load goes through a HostAdapterCache (a byte budget, not a count; a thread pool), keyed by
-  (name, version), so an adapter vLLM evicted comes back without storage I/O, a request for another
-  version reloads the adapter in place (once, not every step), and a stale copy is never served;
+  (name, version), so an adapter vLLM evicted comes back without storage I/O and a stale copy is
+  never served;
+- a version stays in host memory while any unfinished request holds it (ledger.py,
+  worker_requests.py); a version that cannot be loaded fails only its own requests (failures.py);
 - the adapters a step needs are all started in parallel before vLLM adds them one by one;
 - unloading (vLLM's remove_lora) frees the GPU slot, vLLM's CPU copy and the host cache's;
-- the catalog (LORAPLEX_CATALOG) gives names: prefetch_adapter(name), pin_adapter_by_name(name),
-  load_multiple_adapters(names), get_adapter_name(id), refresh_storage_catalog();
+- the catalog (LORAPLEX_CATALOG) gives names (worker_catalog.py);
 - it tells our punica wrapper each slot's real rank, so kernels skip the zero padding.
 
 The plugin installs it where vLLM's model runner looks it up (lora_model_runner_mixin).
@@ -20,9 +22,11 @@ The plugin installs it where vLLM's model runner looks it up (lora_model_runner_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 
 import msgspec
 import torch
@@ -30,19 +34,20 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ..config import RuntimeConfig
-from ..errors import AdapterChanged, ConfigError
+from ..errors import CatalogError
 from .catalog_handle import get_handle
 from .host_cache import HostAdapterCache
-from .identity import catalog_path, split_path, version_token
+from .identity import split_path
 from .loading import build_lora_model
 from .residency import ResidencyReporter
+from .worker_catalog import CatalogMixin
+from .worker_requests import RequestsMixin
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
 ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default: RuntimeConfig's, 2 GiB)
 ENV_HOST_ENTRIES = "LORAPLEX_HOST_CACHE_ENTRIES"  # optional cap on cached adapters
 ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default: RuntimeConfig's, 4)
-ENV_PIN = "LORAPLEX_PIN_ADAPTERS"  # comma-separated catalog names kept in host memory from startup on
 
 
 def _tensors(lora_model):
@@ -81,7 +86,14 @@ def _signature(path: str) -> str:
     return "|".join(parts)
 
 
-class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+def _without(mapping, lora_ids):
+    """vLLM's LoRAMapping with the rows of these adapters running without one."""
+    return dataclasses.replace(
+        mapping, index_mapping=tuple(0 if i in lora_ids else i for i in mapping.index_mapping),
+        prompt_mapping=tuple(0 if i in lora_ids else i for i in mapping.prompt_mapping))
+
+
+class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAManager):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._catalog = get_handle()
@@ -97,10 +109,11 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
         self._residency = ResidencyReporter(self)
-        self._ahead: dict[tuple, tuple] = {}  # host cache key -> (bytes, since): prefetched, held, unused
-        self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
         self._rank_of: dict[tuple, int] = {}  # host cache key -> rank (residency metrics)
         self._in_step = False
+        self.last_step_adapters: list[int] = []
+        self.max_versions_in_step = 0  # most versions of one name in one step (metrics)
+        self._init_requests()
 
     def create_lora_manager(self, *args, **kwargs):
         model = super().create_lora_manager(*args, **kwargs)
@@ -112,19 +125,6 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         super().remove_all_adapters()  # vLLM's warm-up ends with this: the pinned ones come back from host memory
         self._pin_from_env()
         self._residency.publish()
-
-    def _pin_from_env(self) -> None:
-        """LORAPLEX_PIN_ADAPTERS: load these catalog adapters now and keep them in the host cache and
-        vLLM's CPU cache (not in a GPU slot: vLLM's scheduler does not count pinned slots). They count
-        against --max-cpu-loras; one that cannot be pinned is logged and skipped."""
-        for name in filter(None, (n.strip() for n in os.environ.get(ENV_PIN, "").split(","))):
-            try:
-                req = self._request_for(name)
-                self._host.pin(self._key(req))
-                self.load_multiple_adapters([name])
-                self._adapter_manager._pin_lora_in_cpu_cache(req.lora_int_id)
-            except Exception as e:  # noqa: BLE001 - a pin is an optimization: never stop the engine for one
-                log.warning("loraplex: cannot pin adapter '%s' (%s): %s", name, ENV_PIN, e)
 
     # ---- loading ---------------------------------------------------------------------------------
     def _realpath(self, path: str) -> str:
@@ -144,35 +144,25 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _load_packed(self, req: LoRARequest):
         """Runs on the loader pool: the adapter as a vLLM LoRAModel, packed (qkv, gate_up) and scaled,
-        ready for add_adapter as is."""
+        ready for add_adapter as is. A catalog request gets exactly the version it names (the current
+        one, or one still intact where it was resolved), through the catalog's checked reader."""
         start = time.perf_counter()
-        _, token = split_path(req.lora_path)
+        directory, token = split_path(req.lora_path)
         if token is None:
             lora = super()._load_adapter(req)
         else:
-            lora = self._load_catalog_version(req.lora_name, token, req.lora_int_id)
+            config, tensors = self._require_catalog().load_version(req.lora_name, token, directory)
+            lora = build_lora_model(self, req.lora_int_id, req.lora_name, config, tensors)
         pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
         if pack is not None:
             pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
         self._residency.load_times.observe(time.perf_counter() - start)
         return lora
 
-    def _load_catalog_version(self, name: str, token: str, lora_id: int):
-        """Exactly the version `token` names, through the catalog's checked reader."""
-        handle = self._require_catalog()
-        entry = handle.get(name)
-        if version_token(entry.version) != token:
-            handle.catalog.refresh([name])  # this process may not have seen the change yet
-            entry = handle.get(name)
-        if version_token(entry.version) != token:
-            raise AdapterChanged(name, token, version_token(entry.version))
-        _, config, tensors = handle.catalog.load_peft(name, entry)
-        return build_lora_model(self, lora_id, name, config, tensors)
-
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)
         lora = self._host.get(key, lora_request)
-        self._let_go(key)  # a prefetched adapter is in use now (and most recent): evictable again
+        self._ahead.pop(key, None)  # loaded ahead, and in use now
         if lora.id != lora_request.lora_int_id:
             lora = lora.clone(lora_request.lora_int_id)  # shares the tensors
         self._names[lora_request.lora_int_id] = lora_request.lora_name
@@ -180,11 +170,16 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return lora
 
     def add_adapter(self, lora_request: LoRARequest) -> bool:
-        held = self._keys.get(lora_request.lora_int_id)
-        loaded = lora_request.lora_int_id in self.list_adapters()
+        lora_id = lora_request.lora_int_id
+        held = self._keys.get(lora_id)
+        loaded = lora_id in self.list_adapters()
         key = self._key(lora_request) if (loaded or lora_request.load_inplace) else None
         if loaded and held is not None and held != key and not lora_request.load_inplace:
-            # another version of an adapter vLLM holds: reload it in place
+            if self._held_conflict(lora_request, key):
+                raise CatalogError(f"LoRA adapter '{lora_request.lora_name}': its id {lora_id} is held by another "
+                                   f"adapter version with unfinished requests; retry shortly")
+            # other weights under this id: a catalog version whose id collides with one nobody runs any
+            # more, or an adapter loaded by path whose files changed
             lora_request = msgspec.structs.replace(lora_request, load_inplace=True)
         elif lora_request.load_inplace and loaded and held == key:
             # the same weights: vLLM would re-read them at every step of every request carrying the flag
@@ -195,12 +190,13 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return added
 
     def remove_adapter(self, adapter_id: int) -> bool:
-        """Unload (vLLM's remove_lora): the GPU slot, vLLM's CPU copy and the host cache's copies."""
+        """Unload (vLLM's remove_lora): the GPU slot, vLLM's CPU copy and the host cache's copies of
+        versions no unfinished request holds."""
         removed = super().remove_adapter(adapter_id)
         key = self._keys.pop(adapter_id, None)
         name = self._names.pop(adapter_id, None)
         if key is not None or name is not None:
-            self._host.discard(lambda k: k == key or k[0] == name)
+            self._host.discard(lambda k: (k == key or k[0] == name) and k not in self.ledger)
         self._residency.publish()
         return removed
 
@@ -209,23 +205,48 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._residency.publish()
         return pinned
 
-    def _apply_adapters(self, lora_requests) -> None:
+    def _apply_adapters(self, lora_requests) -> set[int]:
+        """Load and activate the step's adapters; returns the ids of those that cannot be loaded (their
+        requests are reported failed and their rows run without an adapter)."""
+        reqs = {r.lora_int_id: r for r in lora_requests if r}
+        if len(reqs) > self._adapter_manager.lora_slots:
+            raise RuntimeError(f"{len(reqs)} LoRA adapters in one step but only {self._adapter_manager.lora_slots} "
+                               f"GPU slots")
+        lost = self._prune_lost(reqs.values())
         loaded = self.list_adapters()
-        for req in lora_requests:
-            if not req:
-                continue
-            key = self._key(req)
-            if req.lora_int_id not in loaded or self._keys.get(req.lora_int_id) != key:
+        keys = {}
+        for lora_id, req in reqs.items():
+            keys[lora_id] = key = self._key(req)
+            if lora_id not in lost and (lora_id not in loaded or self._keys.get(lora_id) != key):
                 self._host.prefetch(key, req)  # all in parallel; add_adapter waits for each
-        super()._apply_adapters(lora_requests)
+        for lora_id, req in reqs.items():
+            if lora_id in lost:
+                continue
+            if self._held_conflict(req, keys[lora_id]):
+                self._collided(req, keys[lora_id])  # its rows run on the other version's weights, then fail
+                continue
+            try:
+                self.add_adapter(req)
+            except Exception as e:  # noqa: BLE001 - one adapter's load never stops the engine
+                if not isinstance(e, CatalogError):
+                    log.exception("loraplex: loading adapter '%s' failed", req.lora_name)
+                lost[lora_id] = self._mark_lost(keys[lora_id], req, e)
+        return set(lost)
 
     def set_active_adapters(self, requests, mapping) -> None:
+        requests = self._step_requests(requests, mapping)
         self._in_step = True
+        self.last_step_adapters = sorted(r.lora_int_id for r in requests)  # tests, debugging
+        if len(requests) > 1:
+            per_name = Counter(r.lora_name for r in requests).most_common(1)[0][1]
+            self.max_versions_in_step = max(self.max_versions_in_step, per_name)
         try:
-            self._apply_adapters(requests)
+            lost = self._apply_adapters(requests)
         finally:
             self._in_step = False
         if mapping is not None:
+            if lost:
+                mapping = _without(mapping, lost)
             self._publish_ranks()
             self._adapter_manager.set_adapter_mapping(mapping)
         self._residency.publish()
@@ -278,109 +299,6 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             self._rank_of = {k: r for k, r in ranks.items() if k in keep}
         return out
 
-    # ---- catalog ---------------------------------------------------------------------------------
-    def _require_catalog(self):
-        if self._catalog is None:
-            raise ConfigError("no adapter catalog: start vLLM with LORAPLEX_CATALOG set "
-                              "(loraplex serve --lora-catalog-type storage --lora-catalog-path ...)")
-        return self._catalog
-
-    def _request_for(self, name: str) -> LoRARequest:
-        """A request for the current version of catalog adapter `name`."""
-        handle = self._require_catalog()
-        entry = handle.fresh(name)  # raises AdapterNotFound, InvalidAdapterName, InvalidAdapter
-        local = handle.catalog.local_path(name)
-        return LoRARequest(lora_name=name, lora_int_id=entry.id, lora_path=catalog_path(local, entry.version))
-
-    def refresh_storage_catalog(self):
-        """Re-list the catalog now. Requests resolved from then on carry the new versions; weights of
-        older versions stay in the host cache (in-flight requests may still need them) until the
-        byte budget evicts them. Returns the CatalogDiff."""
-        return self._require_catalog().refresh(force=True)
-
-    def get_adapter_name(self, adapter_id: int) -> str:
-        name = self._names.get(adapter_id)
-        if name is not None:
-            return name
-        return self._require_catalog().catalog.get_adapter_name(adapter_id)
-
-    def prefetch_adapter(self, name: str):
-        """Start loading catalog adapter `name` into the host cache; returns a Future."""
-        req = self._request_for(name)
-        future = self._host.prefetch(self._key(req), req)
-        future.add_done_callback(lambda _: self._residency.publish())  # an idle engine reports it too
-        return future
-
-    AHEAD_TTL_S = 120.0  # a prefetched adapter whose request never ran (aborted) is let go after this
-
-    def prefetch_queued(self, lora_requests) -> int:
-        """Start loading the adapters of requests waiting in the scheduler (prefetch.py) into the host
-        cache, and keep them there (held: not evicted) until their step uses them. Adapters prefetched
-        but not yet used take at most half the byte budget. Returns how many loads were started."""
-        now = time.monotonic()
-        for k, (_, since) in list(self._ahead.items()):
-            if now - since > self.AHEAD_TTL_S or not (k in self._host or self._host.is_loading(k)):
-                self._let_go(k)
-        held = self.list_adapters()
-        budget = self._host.max_bytes // 2 - sum(n for n, _ in self._ahead.values())
-        started = 0
-        for req in lora_requests:
-            key = self._key(req)
-            if (req.lora_int_id in held and self._keys.get(req.lora_int_id) == key) or key in self._ahead \
-                    or key in self._host or self._host.is_loading(key):
-                continue
-            size = self._size_estimate(req)
-            if size > budget:
-                break
-            self._host.hold(key)
-            self._host.prefetch(key, req)
-            self._ahead[key] = (size, now)
-            budget -= size
-            started += 1
-        self.queue_prefetches += started
-        return started
-
-    def _let_go(self, key) -> None:
-        if self._ahead.pop(key, None) is not None:
-            self._host.release(key)
-
-    def _size_estimate(self, req) -> int:
-        """Bytes the adapter will take in the host cache (its weight file's size, for catalog ones)."""
-        try:
-            return int(self._require_catalog().get(req.lora_name).size_bytes)
-        except Exception:  # noqa: BLE001 - not a catalog adapter: count it as large, to stay in budget
-            return self._host.max_bytes // 8
-
-    def load_multiple_adapters(self, names) -> dict[str, int]:
-        """Load catalog adapters in parallel and register them in vLLM's CPU cache (no GPU slot yet).
-        Returns name -> lora id."""
-        reqs = [self._request_for(n) for n in names]
-        futures = [self._host.prefetch(self._key(r), r) for r in reqs]
-        for f in futures:
-            f.result()
-        manager = self._adapter_manager
-        for req in reqs:
-            if req.lora_int_id in self.list_adapters():
-                continue
-            if len(manager) + 1 > manager.capacity:
-                manager.remove_oldest_adapter()
-            manager.add_adapter(self._load_adapter(req))
-        self._residency.publish()
-        return {r.lora_name: r.lora_int_id for r in reqs}
-
-    def pin_adapter_by_name(self, name: str) -> bool:
-        """Keep catalog adapter `name` in every tier: host cache, vLLM's CPU cache and a GPU slot."""
-        req = self._request_for(name)
-        self._host.pin(self._key(req))
-        self.add_adapter(req)
-        return self.pin_adapter(req.lora_int_id)
-
-    def set_cache_policy(self, host_cache_bytes: int | None = None, max_host_entries: int | None = None) -> dict:
-        """Resize the host cache (evicting now if needed); returns cache_sizes()."""
-        self._host.set_limits(host_cache_bytes, max_host_entries)
-        self._residency.publish()
-        return self.cache_sizes()
-
     # ---- debugging -------------------------------------------------------------------------------
     @property
     def gpu_cache_size(self) -> int:
@@ -402,17 +320,30 @@ class LoraplexWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             "cpu_used": self.cpu_cache_size,
             "host": self._host.stats(),
             "queue_prefetches": self.queue_prefetches,
+            "held_versions": len(self.ledger.keys()),
+            "unfinished_requests": len(self.ledger),
+            "failed_requests": self.failed_requests,
         }
 
 
 # ---- reaching the manager from outside the worker ----------------------------------------------------
-def _invoke(worker, method, args, kwargs):
+def manager_of(worker):
+    """The LoraplexWorkerLoRAManager of a vLLM worker (or its wrapper), or None."""
     worker = getattr(worker, "worker", worker)  # vLLM may hand us its WorkerWrapperBase
     manager = getattr(getattr(worker, "model_runner", None), "lora_manager", None)
-    if not isinstance(manager, LoraplexWorkerLoRAManager):
+    return manager if isinstance(manager, LoraplexWorkerLoRAManager) else None
+
+
+def _invoke(worker, method, args, kwargs):
+    from ..errors import ConfigError
+
+    manager = manager_of(worker)
+    if manager is None:
         raise ConfigError("this engine does not use loraplex's worker LoRA manager (is LORAPLEX_CATALOG set "
                           "and LoRA enabled?)")
-    result = getattr(manager, method)(*args, **kwargs)
+    result = getattr(manager, method)
+    if callable(result):
+        result = result(*args, **kwargs)
     # Futures do not cross process boundaries: report that the load started.
     return True if hasattr(result, "add_done_callback") else result
 
@@ -422,3 +353,32 @@ def call_worker_manager(llm, method: str, *args, **kwargs) -> list:
     call_worker_manager(llm, "prefetch_adapter", "my-adapter"); returns one result per worker.
     (Multi-process engines need VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the call.)"""
     return llm.collective_rpc(_invoke, args=(method, args, kwargs))
+
+
+def _wrap_execute_model(orig):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        manager = getattr(self, "lora_manager", None)
+        if isinstance(manager, LoraplexWorkerLoRAManager):
+            manager.on_step(scheduler_output)
+        return orig(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def patch_model_runner(module) -> None:
+    """Every step's scheduler output reaches the ledger before the runner takes it in."""
+    from ._hooks import wrap
+
+    wrap(module.GPUModelRunner, "execute_model", _wrap_execute_model)
+
+
+def unpatch_model_runners() -> None:
+    import sys
+
+    from ._hooks import unwrap
+    from .plugin import RUNNER_MODULES
+
+    for name in RUNNER_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            unwrap(module.GPUModelRunner, "execute_model")

@@ -95,11 +95,11 @@ def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, e
         mp.setenv(key, value)
     vllm_plugin.unregister()
     # vLLM loads plugins once per process, maybe before this env existed: register explicitly.
-    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
+    assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "engine_core"}
     from vllm import LLM
 
     llm = LLM(model=tiny_model_dir, enable_lora=True, max_lora_rank=16, dtype="float32", enforce_eager=True,
-              max_num_seqs=4, seed=0, **llm_kwargs)
+              seed=0, **{"max_num_seqs": 4, **llm_kwargs})
     try:
         yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
     finally:

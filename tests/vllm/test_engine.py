@@ -120,7 +120,7 @@ def test_adapter_changed_in_place_is_reloaded(engine, reference, tmp_path):
     os.rename(tmp_path / "new", engine.catalog / "swap")
     assert _manager(engine, "refresh_storage_catalog").changed == ("swap",)
     after = lora_request("swap")
-    assert after.lora_int_id == before.lora_int_id and after.lora_path != before.lora_path  # same id, new version
+    assert after.lora_int_id != before.lora_int_id and after.lora_path != before.lora_path  # a new version
     assert _generate(engine, names)[0] == reference(engine.catalog / "gamma-r16", PROMPTS[0])
     assert _generate(engine, ["alpha-r4", "swap"]) == _expected(engine, reference, ["alpha-r4", "gamma-r16"])
 
@@ -128,20 +128,23 @@ def test_adapter_changed_in_place_is_reloaded(engine, reference, tmp_path):
 def test_worker_manager_api(engine, reference):
     from loraplex.catalog import Catalog
     from loraplex.errors import AdapterNotFound
+    from loraplex.vllm_plugin import lora_request
 
     catalog = Catalog(engine.catalog)
     ids = {n: catalog.get_adapter_id(n) for n in catalog.names()}
     assert _manager(engine, "get_adapter_name", ids["beta-r8"]) == "beta-r8"
     assert _manager(engine, "refresh_storage_catalog") is not None
+    # catalog ids name adapters; lora ids name versions
     assert _manager(engine, "load_multiple_adapters", ["alpha-r4", "gamma-r16"]) == {
-        "alpha-r4": ids["alpha-r4"], "gamma-r16": ids["gamma-r16"]}
+        n: lora_request(n).lora_int_id for n in ("alpha-r4", "gamma-r16")}
     assert _manager(engine, "prefetch_adapter", "gamma-r16") is True
     with pytest.raises(AdapterNotFound):
         _manager(engine, "prefetch_adapter", "no-such-adapter")
     assert _manager(engine, "pin_adapter_by_name", "beta-r8") is True
+    _generate(engine, [None])  # workers hear of finished requests with the next step: their versions are let go
     sizes = _manager(engine, "set_cache_policy", host_cache_bytes=1)  # evicts all but the pinned one
     assert sizes["host"]["entries"] == 1 and sizes["host"]["pinned"] == 1
-    assert ids["beta-r8"] in sizes["gpu_ids"]
+    assert lora_request("beta-r8").lora_int_id in sizes["gpu_ids"]
     _manager(engine, "set_cache_policy", host_cache_bytes=2 << 30)
     # the pinned adapter keeps its slot; the other slot still serves the rest
     for names in (["alpha-r4", "beta-r8"], ["gamma-r16", None], ["beta-r8", "alpha-r4"]):

@@ -40,10 +40,11 @@ def test_wanted_parts():
     assert wanted_parts({}) == set()
     assert wanted_parts({"LORAPLEX_ENABLE": "1"}) == {"kernels"}
     assert wanted_parts({"LORAPLEX_ENABLE": "0"}) == set()
-    assert wanted_parts({"LORAPLEX_CATALOG": "/x"}) == {"kernels", "resolver", "serving", "worker_manager", "prefetch"}
-    assert wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_KERNELS": "0"}) == {
-        "resolver", "serving", "worker_manager", "prefetch"}
-    assert "prefetch" not in wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_QUEUE_PREFETCH": "0"})
+    everything = {"kernels", "resolver", "serving", "worker_manager", "engine_core"}
+    assert wanted_parts({"LORAPLEX_CATALOG": "/x"}) == everything
+    assert wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_KERNELS": "0"}) == everything - {"kernels"}
+    # the ledger needs the engine core's announcements whether or not queued adapters load ahead
+    assert wanted_parts({"LORAPLEX_CATALOG": "/x", "LORAPLEX_QUEUE_PREFETCH": "0"}) == everything
 
 
 @pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.33.1", True), ("0.32.0+cpu", True),
@@ -126,7 +127,7 @@ def _resolve(resolver, name):
 
 def test_resolver_known_names(resolver, catalog_dir):
     from loraplex.catalog import Catalog
-    from loraplex.vllm_plugin.identity import split_path, version_token
+    from loraplex.vllm_plugin.identity import split_path, version_id, version_token
 
     catalog = Catalog(catalog_dir)
     for name in ("alpha-r4", "beta-r8", "gamma-r16"):
@@ -135,7 +136,8 @@ def test_resolver_known_names(resolver, catalog_dir):
         path, token = split_path(req.lora_path)
         assert os.path.isabs(path) and os.path.samefile(path, catalog_dir / name)
         assert token == version_token(catalog.get(name).version)  # the version travels with the request
-        assert req.lora_int_id == catalog.get_adapter_id(name)  # deterministic: any process agrees
+        # one id per version, deterministic (any process agrees), in the int32 range vLLM 0.33 keeps ids in
+        assert req.lora_int_id == version_id(name, token) and 0 < req.lora_int_id < 2**31 - 1
         assert not req.load_inplace
 
 
@@ -160,7 +162,8 @@ def test_resolver_refuses_invalid_adapters(resolver, catalog_dir):
 
 
 def test_resolver_gives_each_version_its_own_path(resolver, catalog_dir):
-    """vLLM keys prefix-cache blocks by (name, path): a new version must not share the old one's."""
+    """vLLM keys prefix-cache blocks by (name, path) and slots by id: a new version shares neither with the
+    old one, so both can be resident (and in one batch) at once."""
     first = _resolve(resolver, "alpha-r4")
     assert _resolve(resolver, "alpha-r4").lora_path == first.lora_path  # unchanged: same keys, cache hits
     weights = catalog_dir / "alpha-r4" / "adapter_model.safetensors"
@@ -168,7 +171,7 @@ def test_resolver_gives_each_version_its_own_path(resolver, catalog_dir):
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
     weights.write_bytes(data)
     again = _resolve(resolver, "alpha-r4")  # no refresh needed: a known local adapter is re-stat'ed
-    assert again.lora_int_id == first.lora_int_id and again.lora_path != first.lora_path
+    assert again.lora_int_id != first.lora_int_id and again.lora_path != first.lora_path
     assert not again.load_inplace
 
 
@@ -195,7 +198,7 @@ def test_register_installs_the_resolver(clean_plugin, catalog_dir):
 
     clean_plugin.setenv("LORAPLEX_CATALOG", str(catalog_dir))
     clean_plugin.setenv("LORAPLEX_KERNELS", "0")
-    assert vllm_plugin.register() == {"resolver", "serving", "worker_manager", "prefetch"}
+    assert vllm_plugin.register() == {"resolver", "serving", "worker_manager", "engine_core"}
     resolver = LoRAResolverRegistry.get_resolver("loraplex")
     assert _resolve(resolver, "beta-r8").lora_name == "beta-r8"
     req = vllm_plugin.lora_request("gamma-r16")

@@ -4,89 +4,24 @@ names are refused; /v1/models lists the catalog. Waits are bounded and the serve
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from types import SimpleNamespace
 
 import pytest
 
-from .conftest import GEN_TOKENS, PROMPTS, free_port, poisoned_copy
+from .conftest import GEN_TOKENS, PROMPTS, poisoned_copy
+from .server import http as _http
+from .server import metrics_text, serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-START_TIMEOUT_S = 240
-
-
-def _http(url, body=None, timeout=60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, _body(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, _body(e.read())
-
-
-def _body(raw: bytes):
-    try:
-        return json.loads(raw or b"null")
-    except ValueError:
-        return raw.decode(errors="replace")  # plain-text answers (the load API's "Success: ...")
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter_source, tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    catalog = root / "catalog"
-    shutil.copytree(adapter_source, catalog)
-    port = free_port()
     # LORAPLEX_REFRESH_INTERVAL keeps its default: a new adapter must be found without re-listing
-    env = dict(os.environ, LORAPLEX_BACKEND="torch", VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1",
-               LORAPLEX_PIN_ADAPTERS="beta-r8")
-    env.pop("LORAPLEX_REFRESH_INTERVAL", None)
-    env.pop("LORAPLEX_CATALOG", None)
-    cmd = [sys.executable, "-m", "loraplex.vllm_plugin.serve", tiny_model_dir,
-           "--lora-catalog-type", "storage", "--lora-catalog-path", str(catalog),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "64", "--max-loras", "2", "--max-lora-rank", "16", "--max-num-seqs", "4",
-           "--max-num-batched-tokens", "256", "--seed", "0"]
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if _http(base + "/health", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1.0)
-        yield SimpleNamespace(url=base, catalog=catalog, model=tiny_model_dir, log=log_path)
-    finally:
-        _stop(proc)
+    yield from serve(tiny_model_dir, adapter_source, tmp_path_factory.mktemp("server"),
+                     ["--max-model-len", "64", "--max-loras", "2", "--max-num-seqs", "4", "--max-num-batched-tokens",
+                      "256"], env={"LORAPLEX_PIN_ADAPTERS": "beta-r8"})
 
 
 def _complete(server, model, prompt):
@@ -116,10 +51,11 @@ def test_completions_by_adapter_name(server, reference, name, prompt):
     assert status == 200, tokens
     assert tokens == reference(None if name is None else server.catalog / name, prompt)
     if name is not None:
-        # served under the catalog's deterministic id (the same in every replica), not a counter
+        # served under its version's deterministic id (the same in every replica), not a counter
         from loraplex.catalog import Catalog
+        from loraplex.vllm_plugin.identity import version_id, version_token
 
-        lora_id = Catalog(server.catalog).get_adapter_id(name)
+        lora_id = version_id(name, version_token(Catalog(server.catalog).get(name).version))
         assert f"serving adapter '{name}' (id {lora_id})" in server.log.read_text()
 
 
@@ -213,16 +149,15 @@ def _residency(server):
     """{adapter name: labels} of vllm:lora_adapter_loaded, and the other LoRA gauges, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
     loaded, values = {}, {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text(server)):
         for sample in family.samples:
             if sample.name == "vllm:lora_adapter_loaded":
                 assert sample.value == 1.0
                 loaded[sample.labels["adapter_name"]] = sample.labels
             elif sample.name.startswith(("vllm:num_", "vllm:max_gpu", "vllm:lora_adapter_load_seconds",
-                                         "loraplex_host_cache", "loraplex_queue")):
+                                         "loraplex_host_cache", "loraplex_queue", "loraplex_versions",
+                                         "loraplex_requests")):
                 values[sample.name + ("" if "le" not in sample.labels else "{" + sample.labels["le"] + "}")] = \
                     sample.value
     return loaded, values
