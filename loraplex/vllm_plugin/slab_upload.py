@@ -66,7 +66,9 @@ class SlabUploader:
         return self.targets.uncovered
 
     def place_uncovered(self, lora_model, slot: int) -> None:
-        """vLLM's own per-module path for the uncovered modules (what activate_adapter does for them)."""
+        """vLLM's own per-module path for the uncovered modules (what activate_adapter does for them).
+        `lora_model` as vLLM's add_adapter leaves it (packed by _create_merged_loras_inplace, scaling
+        folded), holding weights for these modules only if the caller likes; None: zero them."""
         manager = self.targets.manager
         for name in self.uncovered:
             module = manager.modules[name]
