@@ -174,7 +174,7 @@ class VllmTargets:
 
         if buffer.dtype != torch.uint8 or buffer.numel() < layout.nbytes:
             raise ValueError(f"slab buffer must be uint8 with >= {layout.nbytes} bytes")
-        buffer[:layout.nbytes].zero_()  # gaps; a few % of the bytes, but one pass is simpler than per gap
+        _zero_gaps(layout, buffer)
         by_module: dict = {}
         for p in layout.pieces:
             by_module.setdefault(p.module, []).append(p)
@@ -198,6 +198,19 @@ class VllmTargets:
                     _fold(val, src, scale if p.which == "B" else 1)
                     quantize_into(val, dst, s, p.rank_dim)
         _check_finite(name, layout, buffer)
+
+
+def _zero_gaps(layout, buffer) -> None:
+    """Zero the alignment gaps (the pieces themselves are written whole), so every byte a copy moves
+    is defined."""
+    elem = 1 if layout.quant == "int8" else torch.empty((), dtype=layout.dtype).element_size()
+    used = sorted([(p.offset, p.rows * p.cols * elem) for p in layout.pieces]
+                  + [(p.scale_offset, p.rank * 4) for p in layout.pieces if p.scale_offset >= 0])
+    end = 0
+    for off, n in used + [(layout.nbytes, 0)]:
+        if off > end:
+            buffer[end:off].zero_()
+        end = max(end, off + n)
 
 
 def _fold(dst, src, scale) -> None:

@@ -61,7 +61,7 @@ def _stock(env, name):
 def _slab(env, name, lora=None, quant=None):
     lora = _lora(env, name) if lora is None else lora
     layout = env.targets.layout(name, lora, quant)
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+    buf = torch.full((layout.nbytes,), 0xFF, dtype=torch.uint8)  # garbage where pack writes nothing
     env.targets.pack(name, lora, layout, buf)
     return VllmSlab((name, "v1"), layout, buf)
 
@@ -94,6 +94,21 @@ def test_placement_equals_set_lora(env, name, packed_by_vllm):
     assert any(t.any() for t in ours.values())
     _assert_zero_outside(env, slab, 2)
     assert slab.layout.rank == int(name.split("-r")[1])
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_every_slab_byte_is_defined(env, quant):
+    """The copy moves the whole slab: the alignment gaps between pieces are zero, not leftovers
+    (int8: a 16-byte scale block per piece leaves gaps; bf16 pieces of this model fill whole lines)."""
+    slab = _slab(env, "alpha-r4", quant=quant)
+    elem = 1 if quant else 2
+    free = torch.ones(slab.nbytes, dtype=torch.bool)
+    for p in slab.layout.pieces:
+        free[p.offset:p.offset + p.rows * p.cols * elem] = False
+        if quant:
+            free[p.scale_offset:p.scale_offset + 4 * p.rank] = False
+    assert free.any() or not quant
+    assert not slab.buffer[free].any()
 
 
 def test_slot_reuse_smaller_rank_and_skipped_modules(env):
