@@ -155,9 +155,10 @@ def llama8b_shapes(root: Path) -> dict:
     from loraplex.vllm_plugin.slab_layout import VllmSlab
 
     up.reserve_staging(layout.nbytes)
+    up.upload(VllmSlab(("thin", "v"), layout, buf), 0)  # the slot's first upload zeroes it whole
     ours = inproc.CopyCounter(inproc.device_side(manager, up))
-    with ours:
-        up.upload(VllmSlab(("thin", "v"), layout, buf), 0)
+    with ours:  # a miss into a slot the slab path wrote before (steady state)
+        up.upload(VllmSlab(("thin", "v2"), layout, buf), 0)
     stock = inproc.CopyCounter(inproc.device_side(manager, up))
     lm = inproc.load_lora(manager, d, next(_ids))
     manager.add_adapter(lm)

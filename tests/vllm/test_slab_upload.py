@@ -259,3 +259,15 @@ def test_tensor_parallel_shard_equals_set_lora(vllm_dist):
         for t in list(layer.lora_a_stacked) + list(layer.lora_b_stacked):
             assert torch.equal(t[1], t[0])
     assert torch.equal(row.lora_a_stacked[0][1, 0, :5], row_lora.lora_a[:, 64:])
+
+
+def test_int8_is_opt_in(env):
+    from loraplex.config import RuntimeConfig
+    from loraplex.errors import ConfigError
+
+    assert RuntimeConfig().host_slab_quant is None
+    assert RuntimeConfig(host_slab_quant="int8").host_slab_quant == "int8"
+    with pytest.raises(ConfigError, match="host_slab_quant"):
+        RuntimeConfig(host_slab_quant="int4")
+    with pytest.raises(ValueError, match="int4"):
+        env.targets.layout("alpha-r4", _lora(env, "alpha-r4"), "int4")
