@@ -125,6 +125,30 @@ class VllmTargets:
         t = self.stacked(module, which)[si][slot]
         return t[0] if t.dim() == 3 else t
 
+    def max_nbytes(self, quant: str | None = None) -> int:
+        """Bytes of the largest possible slab (every covered slice at max_lora_rank): the staging size."""
+        elem = 1 if quant == "int8" else torch.empty((), dtype=self.dtype).element_size()
+        total = 0
+        for module in self.kinds:
+            for which in "AB":
+                for si in range(len(self.stacked(module, which))):
+                    rows, cols = self.slot_view(module, which, si, 0).shape
+                    total += -(-rows * cols * elem // ALIGN) * ALIGN
+                    if quant == "int8":
+                        total += -(-4 * max(rows, cols) // ALIGN) * ALIGN  # an upper bound on the rank
+        return total
+
+    def shell(self, lora_model):
+        """What vLLM's own CPU cache (max_cpu_loras) may hold for a slab-backed adapter: the same id
+        and rank, the weights of uncovered modules and modules_to_save only (so no second copy of
+        what the slab holds; the LoRA weights of covered modules are dropped)."""
+        from vllm.lora.lora_model import LoRAModel
+
+        keep = set(self.uncovered)
+        loras = {k: v for k, v in lora_model.loras.items()
+                 if k in keep or any(k in self.manager.packed_modules.get(u, ()) for u in keep)}
+        return LoRAModel(lora_model.id, lora_model.rank, loras, modules_to_save=lora_model.modules_to_save)
+
     def layout(self, name: str, lora_model, quant: str | None = None) -> VllmSlabLayout:
         """The slab layout of `lora_model` (a vLLM LoRAModel, before or after vLLM's packing), from
         tensor shapes alone. InvalidAdapter names the adapter `name` and the module that does not fit."""

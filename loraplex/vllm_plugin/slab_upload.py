@@ -43,7 +43,7 @@ _VIEW_CACHE = 64  # (layout signature, slot) -> prepared views; most adapters sh
 
 
 class SlabUploader:
-    def __init__(self, targets: VllmTargets, device=None):
+    def __init__(self, targets: VllmTargets, device=None, compute_stream=None):
         self.targets = targets  # VllmTargets, or anything with its kinds/dtype/stacked/slot_view
         first = targets.stacked(next(iter(targets.kinds)), "B")[0]
         self.device = torch.device(device) if device is not None else first.device
@@ -51,6 +51,8 @@ class SlabUploader:
         self.slots = first.shape[0]
         self._lock = threading.Lock()  # one upload issued at a time: they share the staging buffer
         self._stream = torch.cuda.Stream(device=self.device, priority=-1) if self.cuda else None
+        # the stream vLLM's steps run on (the constructing thread's current stream by default)
+        self._compute = (compute_stream or torch.cuda.current_stream(self.device)) if self.cuda else None
         self._staging: torch.Tensor | None = None
         self._views: OrderedDict = OrderedDict()
         # per slot: {(module, which, slice): (rows, cols)} the last upload wrote; None = unknown
@@ -122,9 +124,13 @@ class SlabUploader:
                 self._staging_buffer(nbytes)
 
     # ---- the upload ----------------------------------------------------------------------------
-    def upload(self, slab, slot: int) -> UploadHandle:
+    def upload(self, slab, slot: int, wait_compute: bool = False) -> UploadHandle:
         """Write `slab` into `slot` of every covered module. Keep the slab's host-cache lease until
-        the handle's query() is true (the copy reads the host buffer until then)."""
+        the handle's query() is true (the copy reads the host buffer until then).
+
+        The placement waits for the slot's last reader (steps_enqueued). wait_compute=True also
+        waits for everything enqueued on the compute stream so far: for uploads issued from another
+        thread into a slot whose last reader may not have been recorded yet (safe, less overlap)."""
         if not 0 <= slot < self.slots:
             raise IndexError(f"slot {slot} out of range (max_loras={self.slots})")
         if self.cuda and capturing():
@@ -146,6 +152,10 @@ class SlabUploader:
             start.record(self._stream)
             if self._read[slot] is not None:
                 self._stream.wait_event(self._read[slot])  # the slot's last reader must finish first
+            if wait_compute:
+                now = torch.cuda.Event()
+                now.record(self._compute)
+                self._stream.wait_event(now)
             self._place(slab, slot)
             done.record(self._stream)
             self._ready[slot] = done

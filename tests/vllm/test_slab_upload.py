@@ -212,7 +212,9 @@ def test_uncovered_module_keeps_vllm_path(env):
         targets.pack("gamma-r16", lora, layout, buf)
         up.upload(VllmSlab(("gamma-r16", "v1"), layout, buf), 2)
         env.manager._create_merged_loras_inplace(lora)  # vLLM's set_lora takes what add_adapter leaves
-        up.place_uncovered(lora, 2)
+        shell = targets.shell(lora)  # what vLLM's CPU cache keeps: the uncovered module's weights only
+        assert list(shell.loras) == [name]
+        up.place_uncovered(shell, 2)
         _assert_same(inproc.slot_state(env.manager, 2), stock, "slab + vLLM path for the uncovered module")
     finally:
         module.__class__ = cls
@@ -259,6 +261,15 @@ def test_tensor_parallel_shard_equals_set_lora(vllm_dist):
         for t in list(layer.lora_a_stacked) + list(layer.lora_b_stacked):
             assert torch.equal(t[1], t[0])
     assert torch.equal(row.lora_a_stacked[0][1, 0, :5], row_lora.lora_a[:, 64:])
+
+
+def test_shell_holds_no_covered_weights_and_staging_fits_every_slab(env):
+    lora = _lora(env, "beta-r8")
+    shell = env.targets.shell(lora)
+    assert shell.id == lora.id and shell.rank == lora.rank and not shell.loras  # Llama: every module covered
+    for quant in (None, "int8"):
+        top = env.targets.max_nbytes(quant)
+        assert all(_slab(env, n, quant=quant).nbytes <= top for n in NAMES)
 
 
 def test_int8_is_opt_in(env):
