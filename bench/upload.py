@@ -3,6 +3,7 @@ the one-copy pinned H2D ceiling; and how much a concurrent GEMM loop slows down 
 
   python bench/upload.py          # GPU: Llama-3-8B shapes, r16 on every linear module (84 MB in bf16)
   python bench/upload.py --cpu    # CPU: 4 small layers; storage read and pack only -> results/upload_cpu.*
+  python bench/upload.py --vllm   # vLLM's path: stock set_lora vs loraplex slabs -> results/upload_vllm_cpu.*
 
 Phases, each timed on its own over several adapters (every repetition reads another adapter, so
 nothing is served from the runtime's caches):
@@ -257,9 +258,14 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int)
     ap.add_argument("--adapters", type=int)
     ap.add_argument("--repeats", type=int)
+    ap.add_argument("--vllm", action="store_true", help="vLLM path: stock set_lora vs slabs (upload_vllm.py)")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
     out = args.out or common.out_dir()
+    if args.vllm:
+        import upload_vllm
+
+        return upload_vllm.main(args, out)
     res = run(args)
     tag = "cpu" if res["config"]["device"] == "cpu" else "gpu"
     common.write_json(out / f"upload_{tag}.json", res)

@@ -49,6 +49,10 @@ class RuntimeConfig:
     load_timeout_s: float = 60.0  # a plan waits this long for a load, a busy GPU slot or host room
     unmatched_modules: str = "warn"  # adapter modules no registered target wraps: ignore | warn | error
     upload_mode: str = "staged"  # CUDA: staged (one H2D + device scatter) | direct (one H2D per tensor)
+    # host slabs as int8 with one fp32 scale per rank component (vLLM slabs: vllm_plugin/slab_layout.py):
+    # ~2x the adapters per host byte and half the bytes per miss, dequantized where the weights land.
+    # Off by default: on the toy model it changed greedy tokens in 4 of 64 requests (bench/int8_slabs.py).
+    host_slab_quant: str | None = None  # None | "int8"
 
     def __post_init__(self):
         if self.max_loras < 1:
@@ -69,5 +73,7 @@ class RuntimeConfig:
             raise ConfigError(f"load_timeout_s must be > 0, got {self.load_timeout_s}")
         if self.unmatched_modules not in ("ignore", "warn", "error"):
             raise ConfigError(f"unmatched_modules must be ignore, warn or error, got {self.unmatched_modules!r}")
+        if self.host_slab_quant not in (None, "int8"):
+            raise ConfigError(f"host_slab_quant must be None or 'int8', got {self.host_slab_quant!r}")
         if self.upload_mode not in ("staged", "direct"):
             raise ConfigError(f"upload_mode must be 'staged' or 'direct', got {self.upload_mode!r}")
