@@ -7,7 +7,8 @@ unless asked:
   LORAPLEX_KERNELS=0                  with a catalog: keep vLLM's own punica kernels
 
 What it installs:
-  kernels         get_punica_wrapper of the CPU and CUDA platforms returns our wrapper's qualname
+  kernels         get_punica_wrapper of the CPU and CUDA platforms returns our wrapper's qualname; a
+                  model whose LoRA layers need ops our wrapper lacks is refused at startup
   resolver        CatalogLoRAResolver in vLLM's LoRAResolverRegistry
   serving         OpenAIServingModels wraps (listing, deterministic ids), when the server imports it
   worker_manager  LoraplexWorkerLoRAManager, when the model runner's module is imported
@@ -21,7 +22,7 @@ import logging
 import os
 import threading
 
-from ._hooks import after_import, wrap
+from ._hooks import after_import, unwrap, wrap
 from .catalog_handle import ENV_CATALOG
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -31,6 +32,7 @@ ENV_KERNELS = "LORAPLEX_KERNELS"
 MIXIN_MODULE = "vllm.v1.worker.lora_model_runner_mixin"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
+MANAGER_MODULE = "vllm.lora.model_manager"
 
 _lock = threading.RLock()
 _installed: set[str] = set()
@@ -135,7 +137,24 @@ def install_kernels() -> None:
             continue
         _platform_originals.append((cls, cls.__dict__.get("get_punica_wrapper")))
         cls.get_punica_wrapper = _BOUND
+    after_import(MANAGER_MODULE, _patch_model_manager)
     log.info("loraplex: LoRA kernels installed (%s)", _punica_qualname(None))
+
+
+def _patch_model_manager(module) -> None:
+    """Check the LoRA layers vLLM creates for the model (compat.check_layers) as soon as it has."""
+
+    def make(orig):
+        def _create_lora_modules(self, *args, **kwargs):
+            result = orig(self, *args, **kwargs)
+            from .compat import check_layers
+
+            check_layers(self.modules)
+            return result
+
+        return _create_lora_modules
+
+    wrap(module.LoRAModelManager, "_create_lora_modules", make)
 
 
 _BOUND = classmethod(_punica_qualname)
@@ -247,12 +266,16 @@ def unregister() -> None:
 
         unpatch_engine_core()
         unpatch_layers()
+        manager_module = sys.modules.get(MANAGER_MODULE)
+        if manager_module is not None:
+            unwrap(manager_module.LoRAModelManager, "_create_lora_modules")
         from . import _hooks
 
         with _hooks._lock:
             _hooks._pending.pop(SERVING_MODULE, None)
             _hooks._pending.pop(MIXIN_MODULE, None)
             _hooks._pending.pop(METRICS_MODULE, None)
+            _hooks._pending.pop(MANAGER_MODULE, None)
             _hooks._pending.pop(CORE_MODULE, None)
             _hooks._pending.pop(LAYERS_MODULE, None)
         _installed.clear()

@@ -31,6 +31,7 @@ import weakref
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
 from ._hooks import unwrap, wrap
 from .catalog_handle import CatalogHandle
+from .compat import VllmInternalError, internal_message
 from .identity import split_path
 from .loaded import LoadedAdapters
 
@@ -150,12 +151,19 @@ async def _load_catalog_adapter(self, resolver, lora_name):
         if isinstance(e, StorageError):
             return _error(str(e), 503, "ServiceUnavailableError")
         return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
+    except VllmInternalError as e:  # our fault, not the adapter's: a server error, nothing marked
+        log.error("%s", e)
+        return _error(str(e), 500, "InternalServerError")
     held = loaded.get(lora_name)
     if held is not None and held.lora_path == request.lora_path:
         return held
     try:
         await self.engine_client.add_lora(request)
     except Exception as e:  # noqa: BLE001 - reported to the client as a 400, in one log line
+        internal = internal_message(e)
+        if internal is not None:  # our fault, not the adapter's: a server error, nothing marked
+            log.error("%s", internal)
+            return _error(internal, 500, "InternalServerError")
         log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, str(e).splitlines()[-1:] or e)
         if "is invalid:" in str(e):  # the worker's InvalidAdapter: this version will never load
             with contextlib.suppress(CatalogError):
