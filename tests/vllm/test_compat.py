@@ -10,6 +10,7 @@ import importlib
 import os
 import pkgutil
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_catalog_adapters_load_through_vllms_managers(llama):
 
 
 @pytest.mark.parametrize("pair", [("alpha-r4", "gamma-r16"), ("beta-r8", "alpha-r4")])
-def test_real_llama_layers_matchpeft_model(plugin, llama, tiny_model_dir, pair):
+def test_real_llama_layers_match_peft(plugin, llama, tiny_model_dir, pair):
     """Each LoRA layer of vLLM's Llama (qkv: 3 slices, gate_up: 2, o, down, embedding, logits) on a
     batch mixing two catalog adapters and rows without one, against transformers + PEFT."""
     from vllm.config import set_current_vllm_config
@@ -151,6 +152,40 @@ def test_modules_to_save_on_a_model_without_classification_head_is_invalid(llama
     reason = r"(?i)'sorter' is invalid: Cannot load full module 'score'.*classification ?head"
     with pytest.raises(InvalidAdapter, match=reason):
         build_lora_model(llama[2].lora_manager, 99, "sorter", config, tensors)
+
+
+@pytest.fixture(scope="module")
+def classifier(plugin, vllm_dist, tmp_path_factory):
+    """A vLLM sequence classifier (its head: ClassificationHeadWithLoRA) and a PEFT adapter for it with
+    its own head (modules_to_save)."""
+    model_dir, adapter_dir = make_classifier(tmp_path_factory.mktemp("classifier"))
+    config, model, runner = build_runner(str(model_dir), str(model_dir / "model.safetensors"))
+    return SimpleNamespace(config=config, model=model, runner=runner, model_dir=model_dir, adapter_dir=adapter_dir)
+
+
+def test_classifier_adapter_with_its_own_head(classifier):
+    """modules_to_save: build_lora_model passes vLLM's head checks (0.32: two methods, 0.33: one) and
+    keeps the head; loaded and run by vLLM, its rows give the adapter's head, the others the base's."""
+    from transformers import AutoModelForSequenceClassification
+    from vllm.config import set_current_vllm_config
+    from vllm.lora.request import LoRARequest
+
+    from loraplex.vllm_plugin.loading import build_lora_model
+
+    config, tensors = read_adapter(classifier.adapter_dir)
+    lora = build_lora_model(classifier.runner.lora_manager, 7, "sorter", config, tensors)
+    assert torch.equal(lora.modules_to_save["score"].weight, tensors["base_model.model.score.weight"])
+
+    peft = peft_model(classifier.model_dir, {"sorter": classifier.adapter_dir}, AutoModelForSequenceClassification)
+    names = ["sorter", None, "sorter", None]
+    x = torch.randn(len(names), classifier.model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    # an adapter outside the catalog: vLLM's own loader, under the plugin's worker manager
+    req = LoRARequest(lora_name="sorter", lora_int_id=7, lora_path=str(classifier.adapter_dir))
+    with set_current_vllm_config(classifier.config), torch.no_grad():
+        activate(classifier.runner, names, {"sorter": req})
+        out = classifier.model.score(x)
+        out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(out, rows_reference(peft, lambda m: m.score, x, names), rtol=1e-4, atol=1e-4)
 
 
 def test_a_failure_inside_vllm_is_a_loraplex_error_not_a_bad_adapter(llama, plugin, monkeypatch):
