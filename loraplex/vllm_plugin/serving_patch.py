@@ -177,6 +177,18 @@ async def _load_catalog_adapter(self, resolver, lora_name):
     return request
 
 
+def _server_errors_raised(response):
+    """vLLM's model check passes a resolver's error on only if it is a 400, and answers any other with
+    404 "model does not exist": a server-side error (500 internal, 503 storage) is raised instead, for
+    vLLM's HTTP exception handler to answer with its status and message."""
+    code = getattr(getattr(response, "error", None), "code", None)
+    if code is not None and code >= 500:
+        from fastapi import HTTPException
+
+        raise HTTPException(status_code=code, detail=response.error.message)
+    return response
+
+
 def _wrap_resolve(orig):
     async def resolve_lora(self, lora_name):
         resolver = _resolver()
@@ -185,7 +197,7 @@ def _wrap_resolve(orig):
         async with self.lora_resolver_lock[lora_name]:
             got = await _load_catalog_adapter(self, resolver, lora_name)
         if got is not None:
-            return got
+            return _server_errors_raised(got)
         return await orig(self, lora_name)  # other resolvers, then vLLM's 404
 
     return resolve_lora
