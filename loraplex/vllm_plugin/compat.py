@@ -186,6 +186,7 @@ def check_layers(modules) -> None:
 
 # ---- failures inside vLLM's code -------------------------------------------------------------------
 INTERNAL_ERROR = "loraplex internal error"  # every VllmInternalError's message starts with it
+_REPORT_IT = "please report it with this message."  # ... and ends with it
 
 
 class VllmInternalError(LoraplexError):
@@ -209,12 +210,15 @@ def internal_error(exc: BaseException, doing: str) -> VllmInternalError:
     return VllmInternalError(
         f"{INTERNAL_ERROR} (loraplex {__version__}, vLLM {vllm_version()}) while {doing}: "
         f"{type(exc).__name__}: {exc}. This is a bug in loraplex's vLLM plugin or a vLLM change it does not "
-        f"handle, not a problem with the adapter; please report it with this message.")
+        f"handle, not a problem with the adapter; {_REPORT_IT}")
 
 
 def internal_message(exc: BaseException) -> str | None:
     """The message of a VllmInternalError, also after vLLM's engine relayed it inside its own ("Call to
     add_lora method failed: ..."); None for any other error."""
     text = str(exc)
-    at = text.find(INTERNAL_ERROR)
-    return text[at:] if at >= 0 else None
+    start = text.find(INTERNAL_ERROR)
+    if start < 0:
+        return None
+    end = text.find(_REPORT_IT, start)
+    return text[start:] if end < 0 else text[start: end + len(_REPORT_IT)]

@@ -274,7 +274,7 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
             return None
         A = [_slots_view(a) for a in lora_a_stacked]
         x2 = x2.to(A[0].dtype)
-        # all slices' h live until lora_expand: more than one launch holds goes to a new tensor
+        # h holds every slice until lora_expand; more slices than the scratch holds get a new tensor
         h = self._shrink_out(len(A), x2.shape[0], A[0].shape[1], x2.device)
         plan, ranks = self._plan("token", x2.shape[0]), self._ranks(A[0].shape[1])
         for lo, hi in _groups(len(A)):

@@ -213,7 +213,8 @@ def test_a_failure_inside_vllm_is_a_loraplex_error_not_a_bad_adapter(llama, plug
     assert f"loraplex {__version__}, vLLM {vllm.__version__}" in message and "loading adapter 'delta'" in message
     assert "AttributeError" in message and "_validate_moe_lora_format" in message
     # as vLLM's engine core relays it to the API server
-    assert internal_message(Exception(f"Call to add_lora method failed: {message}")) == message
+    relayed = f"Call to add_lora method failed: Worker failed with error '{message}', please check the stack trace"
+    assert internal_message(Exception(relayed)) == message
     assert get_resolver().handle.names(refresh=False).count("delta") == 1  # not marked unservable
     assert manager._host.stats()["entries"] == 3 and req.lora_int_id not in manager.list_adapters()
     monkeypatch.undo()
