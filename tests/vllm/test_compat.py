@@ -75,6 +75,17 @@ def test_register_installs_every_part(plugin):
     assert current_platform.get_punica_wrapper() == QUALNAME
     assert mixin.LRUCacheWorkerLoRAManager is LoraplexWorkerLoRAManager
     assert hasattr(LoRAModelManager._create_lora_modules, "__loraplex_wrapped__")  # the startup layer check
+    # the patches that wait for vLLM to import their module (a failed one is only logged): applied
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.instrumentator import metrics
+    from vllm.v1.engine.core import EngineCore
+
+    from loraplex.vllm_plugin.serving_patch import _WRAPS
+
+    for attr in _WRAPS:
+        assert hasattr(vars(OpenAIServingModels)[attr], "__loraplex_wrapped__"), attr
+    assert hasattr(vars(EngineCore)["add_request"], "__loraplex_wrapped__")
+    assert hasattr(metrics.get_prometheus_registry, "__loraplex_wrapped__")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +112,10 @@ def test_catalog_adapters_load_through_vllms_managers(llama):
         assert isinstance(lora, LoRAModel) and lora.rank == rank
         assert manager.adapter_name(req.lora_int_id) == name
     assert manager.cache_sizes()["cpu_used"] == 3
+    state = manager._residency.state()  # what /metrics shows: reads vLLM's manager internals
+    assert {a["name"]: a["rank"] for a in state["adapters"]} == {"alpha-r4": 4, "beta-r8": 8, "gamma-r16": 16}
+    assert sorted(a["level"] for a in state["adapters"]) == ["cpu", "gpu", "gpu"]  # vLLM activates what fits
+    assert state["max_gpu"] == 2 and {"q_proj", "gate_proj", "lm_head"} <= set(state["lora_modules"])
 
 
 @pytest.mark.parametrize("pair", [("alpha-r4", "gamma-r16"), ("beta-r8", "alpha-r4")])
