@@ -5,9 +5,10 @@ values: an adapter with one NaN weight is served and poisons the KV blocks other
 Through the catalog, the read is of exactly one version (AdapterChanged otherwise) and its weights
 are checked against the config (shapes, ranks, NaN/inf) before anything reaches vLLM. The checks
 vLLM makes itself (rank limit, features, target modules) are kept and reported as InvalidAdapter.
-An AttributeError or TypeError from vLLM's code is not the adapter's fault (a vLLM change compat.py
-does not handle, or a loraplex bug): it becomes a VllmInternalError naming loraplex and the vLLM
-version, which the server reports as its own error and which never marks the adapter unservable.
+An AttributeError, TypeError or ImportError from vLLM's code is not the adapter's fault (a vLLM
+change compat.py does not handle, or a loraplex bug): it becomes a VllmInternalError naming loraplex
+and the vLLM version, which the server reports as its own error and which never marks the adapter
+unservable.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from ..errors import InvalidAdapter
 from .compat import internal_error, validate_lora_model
 
-_INTERNAL = (AttributeError, TypeError)  # from vLLM's code: never the adapter's fault
+_INTERNAL = (AttributeError, TypeError, ImportError)  # from vLLM's code: never the adapter's fault
 
 
 def expected_modules(adapter_manager) -> set[str]:
@@ -77,10 +78,11 @@ def check_vllm_limits(name: str, config: dict, tensors: dict, lora_config, modul
 
 def build_lora_model(worker_manager, lora_id: int, name: str, config: dict, tensors: dict):
     """vLLM's LoRAModel (on CPU, in the LoRA dtype) from checked catalog tensors. Raises
-    InvalidAdapter naming the adapter for everything vLLM would refuse."""
-    from vllm.lora.lora_model import LoRAModel
-
+    InvalidAdapter naming the adapter for everything vLLM would refuse, VllmInternalError when vLLM's
+    code fails under us."""
     try:
+        from vllm.lora.lora_model import LoRAModel
+
         manager = worker_manager._adapter_manager
         peft_helper = _peft_helper(name, config, worker_manager.lora_config, worker_manager.max_position_embeddings)
         model = manager.model
