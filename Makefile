@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-vllm-releases lint venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(VLLM_STAMP)
 	$(PY) -m pytest -q tests
+
+# The plugin's engine-free tests against every other vLLM minor it supports (version.py: TESTED_RELEASES),
+# from the release's wheel sources; the wheel is downloaded once into ~/.cache/loraplex.
+test-vllm-releases: $(VLLM_STAMP)
+	$(PY) .ci/vllm_releases.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check loraplex tests bench

@@ -5,11 +5,18 @@ values: an adapter with one NaN weight is served and poisons the KV blocks other
 Through the catalog, the read is of exactly one version (AdapterChanged otherwise) and its weights
 are checked against the config (shapes, ranks, NaN/inf) before anything reaches vLLM. The checks
 vLLM makes itself (rank limit, features, target modules) are kept and reported as InvalidAdapter.
+An AttributeError, TypeError or ImportError from vLLM's code is not the adapter's fault (a vLLM
+change compat.py does not handle, or a loraplex bug): it becomes a VllmInternalError naming loraplex
+and the vLLM version, which the server reports as its own error and which never marks the adapter
+unservable.
 """
 
 from __future__ import annotations
 
 from ..errors import InvalidAdapter
+from .compat import internal_error, validate_lora_model
+
+_INTERNAL = (AttributeError, TypeError, ImportError)  # from vLLM's code: never the adapter's fault
 
 
 def expected_modules(adapter_manager) -> set[str]:
@@ -61,31 +68,37 @@ def check_vllm_limits(name: str, config: dict, tensors: dict, lora_config, modul
     """vLLM's own checks of an adapter (rank limit, features; target modules when `modules`, the
     model's LoRA-capable modules, is known), made before the engine is asked: a refusal there costs
     an engine round trip and pages of worker and engine tracebacks. Raises InvalidAdapter."""
-    peft_helper = _peft_helper(name, config, lora_config)
-    if modules:
-        _check_modules(name, tensors, set(modules), peft_helper, None, None)
+    try:
+        peft_helper = _peft_helper(name, config, lora_config)
+        if modules:
+            _check_modules(name, tensors, set(modules), peft_helper, None, None)
+    except _INTERNAL as e:
+        raise internal_error(e, f"checking adapter '{name}' against vLLM's limits") from e
 
 
 def build_lora_model(worker_manager, lora_id: int, name: str, config: dict, tensors: dict):
     """vLLM's LoRAModel (on CPU, in the LoRA dtype) from checked catalog tensors. Raises
-    InvalidAdapter naming the adapter for everything vLLM would refuse."""
-    from vllm.lora.lora_model import LoRAModel
-
-    manager = worker_manager._adapter_manager
-    peft_helper = _peft_helper(name, config, worker_manager.lora_config, worker_manager.max_position_embeddings)
-    model = manager.model
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    mapper = mapper.get_rename_mapper() if mapper is not None else None
-    skip = getattr(model, "lora_skip_prefixes", None)
-    _check_modules(name, tensors, expected_modules(manager), peft_helper, mapper, skip)
+    InvalidAdapter naming the adapter for everything vLLM would refuse, VllmInternalError when vLLM's
+    code fails under us."""
     try:
+        from vllm.lora.lora_model import LoRAModel
+
+        manager = worker_manager._adapter_manager
+        peft_helper = _peft_helper(name, config, worker_manager.lora_config, worker_manager.max_position_embeddings)
+        model = manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        mapper = mapper.get_rename_mapper() if mapper is not None else None
+        skip = getattr(model, "lora_skip_prefixes", None)
+        _check_modules(name, tensors, expected_modules(manager), peft_helper, mapper, skip)
         lora = LoRAModel.from_lora_tensors(
             lora_model_id=lora_id, tensors=tensors, peft_helper=peft_helper, device="cpu",
             dtype=worker_manager.lora_config.lora_dtype, model_vocab_size=worker_manager.vocab_size,
             weights_mapper=mapper, skip_prefixes=skip)
-        manager._validate_moe_lora_format(lora)
-        manager._validate_modules_to_save(lora)
-        manager._validate_token_classification_lora(lora)
+        validate_lora_model(manager, lora)
+    except InvalidAdapter:
+        raise
     except (ValueError, KeyError) as e:
         raise InvalidAdapter(name, str(e)) from None
+    except _INTERNAL as e:
+        raise internal_error(e, f"loading adapter '{name}'") from e
     return lora

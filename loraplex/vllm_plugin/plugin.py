@@ -7,7 +7,8 @@ unless asked:
   LORAPLEX_KERNELS=0                  with a catalog: keep vLLM's own punica kernels
 
 What it installs:
-  kernels         get_punica_wrapper of the CPU and CUDA platforms returns our wrapper's qualname
+  kernels         get_punica_wrapper of the CPU and CUDA platforms returns our wrapper's qualname; a
+                  model whose LoRA layers need ops our wrapper lacks is refused at startup
   resolver        CatalogLoRAResolver in vLLM's LoRAResolverRegistry
   serving         OpenAIServingModels wraps (listing, deterministic ids), when the server imports it
   worker_manager  LoraplexWorkerLoRAManager, when the model runner's module is imported
@@ -23,7 +24,7 @@ import logging
 import os
 import threading
 
-from ._hooks import after_import, wrap
+from ._hooks import after_import, unwrap, wrap
 from .catalog_handle import ENV_CATALOG
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -37,6 +38,7 @@ ERRORS_MODULE = "vllm.entrypoints.generate.base.serving"
 CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
+MANAGER_MODULE = "vllm.lora.model_manager"
 
 _lock = threading.RLock()
 _installed: set[str] = set()
@@ -137,7 +139,24 @@ def install_kernels() -> None:
             continue
         _platform_originals.append((cls, cls.__dict__.get("get_punica_wrapper")))
         cls.get_punica_wrapper = _BOUND
+    after_import(MANAGER_MODULE, _patch_model_manager)
     log.info("loraplex: LoRA kernels installed (%s)", _punica_qualname(None))
+
+
+def _patch_model_manager(module) -> None:
+    """Check the LoRA layers vLLM creates for the model (compat.check_layers) as soon as it has."""
+
+    def make(orig):
+        def _create_lora_modules(self, *args, **kwargs):
+            result = orig(self, *args, **kwargs)
+            from .compat import check_layers
+
+            check_layers(self.modules)
+            return result
+
+        return _create_lora_modules
+
+    wrap(module.LoRAModelManager, "_create_lora_modules", make)
 
 
 _BOUND = classmethod(_punica_qualname)
@@ -271,6 +290,9 @@ def unregister() -> None:
 
         unpatch_engine_core()
         unpatch_layers()
+        manager_module = sys.modules.get(MANAGER_MODULE)
+        if manager_module is not None:
+            unwrap(manager_module.LoRAModelManager, "_create_lora_modules")
         if any(name in sys.modules for name in RUNNER_MODULES):
             from .worker_manager import unpatch_model_runners
 
@@ -281,7 +303,7 @@ def unregister() -> None:
             unpatch_generation_errors()
             unpatch_request_checks()
         with _hooks._lock:
-            for name in (SERVING_MODULE, MIXIN_MODULE, METRICS_MODULE, CORE_MODULE, SCHEDULER_MODULE,
+            for name in (SERVING_MODULE, MIXIN_MODULE, METRICS_MODULE, MANAGER_MODULE, CORE_MODULE, SCHEDULER_MODULE,
                          LAYERS_MODULE, ERRORS_MODULE, CHECK_MODULE, *RUNNER_MODULES):
                 _hooks._pending.pop(name, None)
         _installed.clear()

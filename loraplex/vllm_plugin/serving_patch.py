@@ -36,6 +36,7 @@ import weakref
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
 from ._hooks import unwrap, wrap
 from .catalog_handle import CatalogHandle
+from .compat import VllmInternalError, internal_message
 from .identity import split_path
 from .loaded import LoadedAdapters, bind_request, bound
 
@@ -155,6 +156,9 @@ async def _load_catalog_adapter(self, resolver, lora_name):
         if isinstance(e, StorageError):
             return _error(str(e), 503, "ServiceUnavailableError")
         return _error(f"{e}. Fix or replace its files; the other adapters are unaffected.", 400)
+    except VllmInternalError as e:  # our fault, not the adapter's: a server error, nothing marked
+        log.error("%s", e)
+        return _error(str(e), 500, "InternalServerError")
     held = dict.get(loaded, lora_name)
     if held is not None and held.lora_path == request.lora_path:
         bound(lora_name, held)
@@ -162,6 +166,10 @@ async def _load_catalog_adapter(self, resolver, lora_name):
     try:
         await self.engine_client.add_lora(request)
     except Exception as e:  # noqa: BLE001 - reported to the client as a 400, in one log line
+        internal = internal_message(e)
+        if internal is not None:  # our fault, not the adapter's: a server error, nothing marked
+            log.error("%s", internal)
+            return _error(internal, 500, "InternalServerError")
         log.warning("loraplex: loading adapter '%s' failed: %s", lora_name, str(e).splitlines()[-1:] or e)
         if "is invalid:" in str(e):  # the worker's InvalidAdapter: this version will never load
             with contextlib.suppress(CatalogError):
@@ -175,6 +183,18 @@ async def _load_catalog_adapter(self, resolver, lora_name):
     return request
 
 
+def _server_errors_raised(response):
+    """vLLM's model check passes a resolver's error on only if it is a 400, and answers any other with
+    404 "model does not exist": a server-side error (500 internal, 503 storage) is raised instead, for
+    vLLM's HTTP exception handler to answer with its status and message."""
+    code = getattr(getattr(response, "error", None), "code", None)
+    if code is not None and code >= 500:
+        from fastapi import HTTPException
+
+        raise HTTPException(status_code=code, detail=response.error.message)
+    return response
+
+
 def _wrap_resolve(orig):
     async def resolve_lora(self, lora_name):
         resolver = _resolver()
@@ -183,7 +203,7 @@ def _wrap_resolve(orig):
         async with self.lora_resolver_lock[lora_name]:
             got = await _load_catalog_adapter(self, resolver, lora_name)
         if got is not None:
-            return got
+            return _server_errors_raised(got)
         return await orig(self, lora_name)  # other resolvers, then vLLM's 404
 
     return resolve_lora

@@ -13,11 +13,12 @@ GEN_TOKENS = 6
 PROMPTS = ([1, 17, 42, 99, 7], [1, 50, 60, 70], [1, 5, 6], [1, 200, 3, 14, 15, 92])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_dist(tmp_path_factory):
     """vLLM's distributed state for one process (gloo, world size 1) inside a default VllmConfig, so
-    its LoRA layers can be built and run without an engine. Created once per session: vLLM's
-    process groups are process-global."""
+    its LoRA layers can be built and run without an engine. vLLM's process groups are process-global:
+    they are created once and kept, and created again in a module that finds them gone (an in-process
+    engine of an earlier module destroys them when it shuts down)."""
     import torch  # noqa: F401
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel

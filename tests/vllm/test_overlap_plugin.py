@@ -11,7 +11,7 @@ import torch
 
 from .test_punica_layers import IDS, MAX_LORAS, TOKENS, _adapters, _prepare, _rand, _remap, _wrapper
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm_sources]  # no engine: also run on 0.33's sources
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

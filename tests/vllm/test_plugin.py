@@ -14,7 +14,7 @@ import pytest
 
 from loraplex.errors import ConfigError
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm_sources]  # no engine: also run on 0.33's sources
 
 
 @pytest.fixture

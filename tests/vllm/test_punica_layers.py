@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm_sources]  # no engine: also run on 0.33's sources
 
 MAX_LORAS = 3
 MAX_RANK = 8
