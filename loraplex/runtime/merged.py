@@ -12,6 +12,10 @@ per slice (computed in fp32 from M's slab, rounded once into W's dtype). Then, p
 Rank capacity: the stacked tensors are sized by RuntimeConfig.max_rank, which in merged mode must hold
 r_X + r_M for every served X (per slice: rank_pattern counts). A correction that does not fit is refused
 (CapacityError naming both adapters and the module): size max_rank = largest served rank + merged rank.
+Nothing is resized at a switch. Memory: the stacked tensors cost max_loras x max_rank x (sum of in + out
+over the wrapped slices) elements; Llama-3-8B's 7 projections in bf16: 5 MiB per rank unit per slot, so
+max_rank 32 instead of 16 costs 1.25 GiB more at max_loras=16. The base-model slot is one of the
+max_loras slots (pinned while merged), so it costs a slot, not memory.
 
 The correction reuses the slabs as they are: X's slab fills ranks [0, r_X) of each slice of the slot and
 M's slab, packed once per merge with its B regions negated (exact), fills [r_X, r_X + r_M). Slabs in the
