@@ -49,10 +49,22 @@ def assert_rows_equal(got, refs, names, merged, dtype=torch.float32, what=""):
         assert err <= atol + rtol * scale, f"{what} request {i} ({name}), merged {merged}: max logit error {err}"
 
 
-def test_mixed_batches_equal_peft_across_switches(tiny_model_dir, catalog):
+def _count_lora_ops(monkeypatch):
+    """Count the LoRA ops the layers call (each still runs)."""
+    from loraplex.kernels import ops
+
+    calls = []
+    for name in ("add_lora_linear", "add_lora_embedding", "sgmv_shrink", "sgmv_expand"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    return calls
+
+
+def test_mixed_batches_equal_peft_across_switches(tiny_model_dir, catalog, monkeypatch):
     ids = _prompts(len(NAMES), 6)
     lm, rt = _ours(tiny_model_dir, catalog)
     refs = refs_for(tiny_model_dir, catalog, ids, NAMES)
+    calls = _count_lora_ops(monkeypatch)
     for merged in (None, "alpha-r4", "beta-r8", None):  # beta: embed_tokens and lm_head merged too
         rt.merge(merged)
         with torch.no_grad(), lm.step(NAMES, [ids.shape[1]] * len(NAMES)) as plan:
@@ -61,9 +73,12 @@ def test_mixed_batches_equal_peft_across_switches(tiny_model_dir, catalog):
         assert_rows_equal(got, refs, NAMES, merged)
         if merged is not None:  # a batch of the merged adapter alone runs no LoRA at all
             rows = [i for i, n in enumerate(NAMES) if n == merged]
+            assert calls
+            calls.clear()
             with torch.no_grad(), lm.step([merged] * len(rows), [ids.shape[1]] * len(rows)) as plan:
                 assert plan.max_active == 0
                 got = lm.model(ids[rows]).logits
+            assert not calls  # the plain base layers: no LoRA op called at all
             assert_rows_equal(got, {merged: refs[merged][rows]}, [merged] * len(rows), merged)
     assert (refs["alpha-r4"] - refs[None]).abs().max() > 0.1  # the adapters do change the output
 
