@@ -99,7 +99,7 @@ loraplex.kernels.sgmv_expand, loraplex.kernels.embedding; print(\"loraplex kerne
 
 # correctness at real shapes and CUDA-graph replay (kernels), device plans, overlapped uploads (runtime);
 # no -x: every test runs; pytest-timeout bounds each test; -v so a stopped run still shows each outcome
-stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/kernels/test_gpu.py tests/vllm/test_slab_upload_gpu.py -p no:cacheprovider \
+stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/runtime/test_merged_gpu.py tests/kernels/test_gpu.py tests/vllm/test_slab_upload_gpu.py -p no:cacheprovider \
   -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
 
 # kernel configs for this GPU (bench/tune.py): compiles its candidates in parallel, then a coordinate

@@ -3,7 +3,7 @@
 `import loraplex` stays light: torch, Triton and vLLM are imported only by the parts that need them.
 """
 
-from .config import CatalogConfig, RuntimeConfig
+from .config import AutoMerge, CatalogConfig, RuntimeConfig
 from .errors import (
     AdapterChanged,
     AdapterNotFound,
@@ -39,6 +39,7 @@ def __getattr__(name):
 
 __all__ = [
     "AdapterChanged",
+    "AutoMerge",
     "AdapterNotFound",
     "CapacityError",
     "Catalog",

@@ -30,11 +30,33 @@ class CatalogConfig:
 
 
 @dataclass(frozen=True)
+class AutoMerge:
+    """The automatic merge policy (runtime/merge_policy.py): over the last `window_steps` steps, the
+    adapter with the largest share of the tokens is merged once its share reaches `threshold`, and stays
+    merged until its share falls below `threshold - hysteresis`. After every switch a full window passes
+    before the next decision."""
+
+    window_steps: int = 256
+    threshold: float = 0.7
+    hysteresis: float = 0.1
+
+    def __post_init__(self):
+        if self.window_steps < 1:
+            raise ConfigError(f"AutoMerge.window_steps must be >= 1, got {self.window_steps}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"AutoMerge.threshold must be in (0, 1], got {self.threshold}")
+        if not 0 <= self.hysteresis < self.threshold:
+            raise ConfigError(f"AutoMerge.hysteresis must be in [0, threshold), got {self.hysteresis}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Sizes of the two cache tiers and of the stacked GPU weights.
 
     max_loras: GPU slots (adapters resident at once). max_rank: padding of the stacked weights.
     host_cache_bytes: byte budget of the pinned host LRU; max_cpu_loras: optional count cap on it.
+    merge_adapter: merged mode pinned to this adapter (else $LORAPLEX_MERGE); merge_auto: the automatic
+    policy instead (off by default). Merged mode needs max_rank >= served rank + merged rank.
     """
 
     max_loras: int = 8
@@ -53,6 +75,8 @@ class RuntimeConfig:
     # ~2x the adapters per host byte and half the bytes per miss, dequantized where the weights land.
     # Off by default: on the toy model it changed greedy tokens in 4 of 64 requests (bench/int8_slabs.py).
     host_slab_quant: str | None = None  # None | "int8"
+    merge_adapter: str | None = None  # merged mode: this adapter's weights are merged into the base
+    merge_auto: AutoMerge | None = None  # merged mode chosen from traffic (mutually exclusive with the above)
 
     def __post_init__(self):
         if self.max_loras < 1:
@@ -77,3 +101,8 @@ class RuntimeConfig:
             raise ConfigError(f"host_slab_quant must be None or 'int8', got {self.host_slab_quant!r}")
         if self.upload_mode not in ("staged", "direct"):
             raise ConfigError(f"upload_mode must be 'staged' or 'direct', got {self.upload_mode!r}")
+        if self.merge_adapter is not None and self.merge_auto is not None:
+            raise ConfigError("merge_adapter pins the merged adapter and merge_auto chooses it from traffic: "
+                              "set one of them")
+        if self.merge_auto is not None and not isinstance(self.merge_auto, AutoMerge):
+            raise ConfigError(f"merge_auto must be an AutoMerge or None, got {self.merge_auto!r}")

@@ -17,7 +17,7 @@ class LoraEmbedding(nn.Module):
     def forward(self, ids):
         y = self.base(ids)
         plan = self.context.plan_for_rows(ids.numel(), self.target.name)
-        if plan is None:
+        if plan is None or plan.max_active == 0:  # no adapter in the step (e.g. all merged)
             return y
         y2 = y.reshape(-1, y.shape[-1])
         t = self.target

@@ -7,6 +7,7 @@ import contextlib
 
 from torch import nn
 
+from ..runtime.merged import BaseWeight
 from ..runtime.targets import SliceSpec
 from .context import LoraContext
 from .embedding import LoraEmbedding
@@ -40,7 +41,11 @@ def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens
     """Wrap every module of `model` whose name ends in one of `target_modules` (nn.Linear or
     nn.Embedding). Module paths are the ones PEFT uses, so adapters' weights map onto them directly;
     an adapter that targets fewer modules leaves the others at zero. overlap: run each LoRA shrink on
-    a second CUDA stream under the base GEMM (layers/overlap.py; None: $LORAPLEX_OVERLAP)."""
+    a second CUDA stream under the base GEMM (layers/overlap.py; None: $LORAPLEX_OVERLAP).
+
+    The base weights of every wrapped module are bound to the runtime (Runtime.bind_base), and if the
+    runtime's configuration pins a merged adapter (RuntimeConfig.merge_adapter or $LORAPLEX_MERGE) it is
+    merged here (merged mode: runtime/merging.py)."""
     cfg = runtime.config
     max_tokens = max_tokens or getattr(cfg, "max_num_tokens", 8192)
     wanted = set(target_modules)
@@ -52,6 +57,7 @@ def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens
     if not found:
         raise ValueError(f"inject: no module of the model matches target_modules={sorted(wanted)}")
     device = next(iter(found.values())).weight.device
+    tied = _tied_weights(model)
     ctx = LoraContext(max_tokens, cfg.max_loras, cfg.max_rank, device, overlap=overlap)
     targets = []
     done = set()
@@ -63,6 +69,7 @@ def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens
         if isinstance(mod, nn.Embedding):
             t = runtime.new_target(path, [SliceSpec(path, mod.num_embeddings, mod.embedding_dim)], "embedding")
             _replace(model, path, LoraEmbedding(mod, t, ctx))
+            members = [path]
         elif len(group) > 1:
             slices = [SliceSpec(p, found[p].in_features, found[p].out_features) for p in group]
             t = runtime.new_target(f"{parent}.{'+'.join(p.rsplit('.', 1)[-1] for p in group)}", slices, "linear")
@@ -70,12 +77,25 @@ def inject(model: nn.Module, runtime, target_modules=DEFAULT_TARGETS, max_tokens
             for i, p in enumerate(group):
                 _replace(model, p, LoraSliceLinear(found[p], g, i))
             done.update(group)
+            members = group
         else:
             t = runtime.new_target(path, [SliceSpec(path, mod.in_features, mod.out_features)], "linear")
             _replace(model, path, LoraLinear(mod, t, ctx))
+            members = [path]
+        runtime.bind_base(t, [BaseWeight(found[p], p, None, tied.get(f"{p}.weight", ())) for p in members])
         done.add(path)
         targets.append(t)
+    if runtime.configured_merge:
+        runtime.merge(runtime.configured_merge)
     return LoraModel(model, runtime, ctx, targets)
+
+
+def _tied_weights(model) -> dict:
+    """{parameter name: other names of the very same tensor} for tied parameters (embed/lm_head)."""
+    owners: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return {n: tuple(o for o in names if o != n) for names in owners.values() if len(names) > 1 for n in names}
 
 
 def _group_of(parent, leaf, found):

@@ -30,7 +30,7 @@ class LoraLinear(nn.Module):
         ctx, t = self.context, self.target
         rows = x.numel() // x.shape[-1]
         plan = ctx.plan_for_rows(rows, t.name)
-        if plan is None:
+        if plan is None or plan.max_active == 0:  # no adapter in the step (e.g. all merged): the base layer
             return self.base(x)
         x2 = _rows(x).contiguous()
         if ctx.side is None:
@@ -83,7 +83,7 @@ class SliceGroup:
         """The LoRA delta of slice `index` for input x ([rows, out of the slice], a view), or None."""
         ctx, t = self.context, self.target
         plan = ctx.plan_for_rows(x.numel() // x.shape[-1], t.name)
-        if plan is None:
+        if plan is None or plan.max_active == 0:
             return None
         lo = t.out_offsets[index]
         hi = lo + t.slices[index].out_features
@@ -115,7 +115,7 @@ class SliceGroup:
             return
         rows = x.numel() // x.shape[-1]
         plan = ctx.plan_for_rows(rows, t.name)
-        if plan is None:
+        if plan is None or plan.max_active == 0:
             return
         if pending is not None:  # another group's shrink never expanded (its layer was skipped): wait for it
             ctx.side.join()

@@ -11,14 +11,17 @@ from concurrent.futures import CancelledError, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import AdapterChanged, StorageError
+from .merged import correction_ranks
 
 
 class FillMixin:
-    def _acquire(self, entries, timeout: float, slot_timeout: float) -> dict:
-        """Slots for every entry, filled; on any error nothing stays held and the first error is raised."""
+    def _acquire(self, entries, timeout: float, slot_timeout: float, base_key=None) -> dict:
+        """Slots for every entry (and, merged mode, for base_key: the base-model requests' correction),
+        filled; on any error nothing stays held and the first error is raised."""
         self._reclaim()
         entries = {e.key: e for e in entries}
-        slots, fills, waits = self.pool.acquire(list(entries), timeout=slot_timeout, reclaim=self._reclaim)
+        keys = list(entries) if base_key is None else [*entries, base_key]
+        slots, fills, waits = self.pool.acquire(keys, timeout=slot_timeout, reclaim=self._reclaim)
         try:
             errors = self._fill(fills, entries, timeout)
             for f in waits:
@@ -39,6 +42,9 @@ class FillMixin:
             return []
         errors, futs = [], {}
         for f in fills:
+            if f.key[0] is None:  # merged mode's base-model slot: the merged adapter's correction alone
+                self._upload(f, None, errors)
+                continue
             try:
                 futs[self.loader.acquire(entries[f.key], claim=True)] = f
             except BaseException as e:  # noqa: BLE001
@@ -73,21 +79,30 @@ class FillMixin:
             self.host.unlease(fut.result().key)
 
     def _upload(self, fill, slab, errors: list) -> None:
+        """slab: the adapter's (host-leased) slab; None for merged mode's base-model slot. Merged mode
+        packs the merged adapter's negated slab after it (merged.py); the state cannot change while a
+        plan is being filled (the step gate)."""
         handle = None
+        merge = self._merge
+        minus = None if merge is None else merge.minus
         try:
-            if slab.layout.generation != self._generation:
-                raise RuntimeError(f"LoRA adapter '{slab.key[0]}' was packed for other targets")
-            handle = self.uploader.upload(slab, fill.slot, self.pool.slots[fill.slot].ranks)
+            for s in (slab, minus):
+                if s is not None and s.layout.generation != self._generation:
+                    raise RuntimeError(f"LoRA adapter '{s.key[0]}' was packed for other targets")
+            ranks = correction_ranks(slab, minus, self.targets, self.config.max_rank)
+            handle = self.uploader.upload(slab, fill.slot, self.pool.slots[fill.slot].ranks, minus, ranks)
             self.pool.finish_fill(fill, upload=handle if handle.done is not None else None,
-                                  slice_ranks=slab.layout.slice_ranks, rank=max(slab.layout.target_ranks, default=0))
-            self.metrics.uploaded_bytes.inc(slab.nbytes)
+                                  slice_ranks=ranks, rank=max((max(r, default=0) for r in ranks), default=0))
+            self.metrics.uploaded_bytes.inc(handle.nbytes)
             if handle.done is None:
                 self.metrics.phase("upload", handle.seconds)
         except BaseException as e:  # noqa: BLE001
             self.pool.finish_fill(fill, error=e)
             errors.append(e)
         finally:
-            if handle is not None and handle.done is not None:
+            if slab is None:
+                pass  # the negated slab is the runtime's own, outside the host cache: no lease
+            elif handle is not None and handle.done is not None:
                 self.steps.upload_issued(handle, slab.key)
             else:
                 self.host.unlease(slab.key)

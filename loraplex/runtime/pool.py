@@ -200,15 +200,23 @@ class SlotPool:
         Slot memory stays as it is, so the known ranks (padding bookkeeping) are kept and extended
         with the new target's, which is all zeros. Only when no plan holds a slot."""
         with self._cond:
+            self.forget_all("register a LoRA target")
+            for s in self.slots:
+                if s.ranks is not None:
+                    s.ranks = (*s.ranks, (0,) * n_slices)
+
+    def forget_all(self, what: str = "switch the merged LoRA adapter") -> None:
+        """Every slot's content is unwanted (the targets or the merged adapter changed): no key is resident
+        any more. Slot memory stays as it is, and so does the rank bookkeeping of its padding. Only
+        when no plan holds a slot."""
+        with self._cond:
             if any(s.refs for s in self.slots):
-                raise RuntimeError("cannot register a LoRA target while plans hold GPU slots")
+                raise RuntimeError(f"cannot {what} while plans hold GPU slots")
             for key in list(self.by_key):
                 self.policy.forget(key)
             self.by_key.clear()
             for s in self.slots:
                 s.key, s.fill, s.rank = None, None, 0
-                if s.ranks is not None:
-                    s.ranks = (*s.ranks, (0,) * n_slices)
             self._set_gauges()
 
     # ---- queries --------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Versions: everything is keyed by (name, version). A catalog refresh that changes
 plans load the new version, while plans built before keep reading the old one (its slot is not
 reused until they are released). A load that races a change (AdapterChanged) refreshes the catalog
 and retries once.
+
+Merged mode (merging.py, merged.py): one adapter version merged into the base weights; its requests take
+no slot, every other request's slot holds its correction. rt.merge(name | None) switches it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .arena import HostArena
 from .fill import FillMixin
 from .host_cache import HostCache
 from .loader import Loader
+from .merging import MergeMixin
 from .metrics import RuntimeMetrics
 from .plan import BatchPlan
 from .policy import make_policy
@@ -54,9 +58,10 @@ class RuntimePlan(BatchPlan):
     request_slots: tuple = ()  # slot per request, -1 for no adapter
     lease: Lease | None = field(default=None, repr=False)
     static: bool = False
+    merged: tuple | None = None  # the (name, version) merged into the base weights for this step
 
 
-class Runtime(SchedulingMixin, FillMixin):
+class Runtime(SchedulingMixin, FillMixin, MergeMixin):
     def __init__(self, catalog, config: RuntimeConfig | None = None, *, metrics_registry=None):
         self.catalog = catalog
         self.config = config = config or RuntimeConfig()
@@ -84,6 +89,7 @@ class Runtime(SchedulingMixin, FillMixin):
         self.uploader = Uploader(self.targets, self.device, config.upload_mode)
         self.steps = StepTracker(self.pool, self.host, config.max_num_tokens, config.max_loras, self.device,
                                  self.metrics)
+        self._init_merge()
         ref = weakref.ref(self)
 
         def on_change(diff, ref=ref):  # a weak link: the catalog must not keep dead runtimes alive
@@ -112,6 +118,9 @@ class Runtime(SchedulingMixin, FillMixin):
         dup = [s.peft_module for s in target.slices if s.peft_module in modules]
         if any(t.name == target.name for t in self.targets) or dup:
             raise ConfigError(f"target {target.name} (modules {dup}) is already registered")
+        if self._merge is not None:
+            raise ConfigError(f"register LoRA target {target.name} before merging an adapter (merged: "
+                              f"'{self._merge.key[0]}')")
         with self.pool.lock:
             if self.loader.in_flight():
                 raise RuntimeError("register LoRA targets before loading adapters (loads are in flight)")
@@ -136,15 +145,20 @@ class Runtime(SchedulingMixin, FillMixin):
             return None
 
     def _is_pinned(self, key) -> bool:
+        m = self._merge
+        if m is not None and key == m.base_key:  # merged mode: the base-model requests' correction
+            return True
         return key[0] in self._pinned and self._current_version(key[0]) == key[1]
 
     def pin(self, name: str) -> None:
         """Keep `name` (its current version, and later versions) resident in both tiers."""
         self.catalog.get(name)
         with self._lock:
-            if name not in self._pinned and len(self._pinned) >= self.config.max_loras:
-                raise CapacityError(f"cannot pin LoRA adapter '{name}': max_loras={self.config.max_loras} "
-                                    f"adapters are pinned already")
+            limit = self.config.max_loras - (self._merge is not None)  # merged: base requests hold one slot
+            if name not in self._pinned and len(self._pinned) >= limit:
+                why = ", one slot for the merged correction" if limit < self.config.max_loras else ""
+                raise CapacityError(f"cannot pin LoRA adapter '{name}': {limit} adapters are pinned already "
+                                    f"(max_loras={self.config.max_loras}{why})")
             new = name not in self._pinned
             self._pinned.add(name)
             self.metrics.pinned.set(len(self._pinned))
@@ -203,6 +217,7 @@ class Runtime(SchedulingMixin, FillMixin):
                 self._repin(name)
         for name in diff.added:
             self._errors.pop(name, None)
+        self._merge_catalog_change(diff)
 
     # ---- plans ----------------------------------------------------------------------------------
     def plan(self, names, tokens=None, *, static: bool = False, timeout: float | None = None,
@@ -228,11 +243,28 @@ class Runtime(SchedulingMixin, FillMixin):
             n_tokens = sum(tokens)
         if n_tokens > self.config.max_num_tokens:
             raise CapacityError(f"step has {n_tokens} tokens; max_num_tokens is {self.config.max_num_tokens}")
+        self._maybe_switch()  # an automatic merge switch asked for runs here if no plan is active
+        # active from here until release: a merge switch waits for this plan, and this plan for a switch
+        self._gate.enter(slot_timeout)
+        try:
+            with self._gate.building():
+                plan = self._plan_held(names, tokens, n_tokens, static, load_timeout, slot_timeout)
+        except BaseException:
+            self._gate.exit()
+            raise
+        self._observe(names, tokens)
+        return plan
+
+    def _plan_held(self, names, tokens, n_tokens: int, static: bool, load_timeout: float,
+                   slot_timeout: float) -> RuntimePlan:
+        merge = self._merge  # fixed while this plan is active (the step gate)
         distinct = list(dict.fromkeys(n for n in names if n is not None))
+        base_key = merge.base_key if merge is not None and None in names else None
         for attempt in range(2):
             entries = {n: self.catalog.get(n) for n in distinct}
+            own = [e for e in entries.values() if merge is None or e.key != merge.key]  # merged: no slot
             try:
-                slots = self._acquire(list(entries.values()), load_timeout, slot_timeout)
+                slots = self._acquire(own, load_timeout, slot_timeout, base_key)
                 break
             except AdapterChanged:
                 if attempt:
@@ -242,15 +274,17 @@ class Runtime(SchedulingMixin, FillMixin):
         lease = Lease(slots.values(), None,
                       torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
         try:
-            adapters = {n: (e.key, slots[e.key]) for n, e in entries.items()}
-            request_slots = tuple(-1 if n is None else adapters[n][1] for n in names)
+            adapters = {n: (e.key, slots.get(e.key, -1)) for n, e in entries.items()}
+            none_slot = -1 if base_key is None else slots[base_key]
+            request_slots = tuple(none_slot if n is None else adapters[n][1] for n in names)
             lease.plan_set = self.steps.take_plan_set(static)
-            bp = self._build(lease, request_slots, tokens, n_tokens, len(distinct), static)
+            bp = self._build(lease, request_slots, tokens, n_tokens, len(slots), static)
         except BaseException:
             self.steps.release(lease, static)
             raise
         return RuntimePlan(**{f: getattr(bp, f) for f in _PLAN_FIELDS}, adapters=adapters,
-                           request_slots=request_slots, lease=lease, static=static)
+                           request_slots=request_slots, lease=lease, static=static,
+                           merged=None if merge is None else merge.key)
 
     def _build(self, lease: Lease, request_slots, tokens, T: int, n_distinct: int, static: bool) -> BatchPlan:
         """The step's inputs (slot per token, rank per slot) go through one host block of T + L int32,
@@ -286,8 +320,10 @@ class Runtime(SchedulingMixin, FillMixin):
 
     def release(self, plan: RuntimePlan) -> None:
         """The step reading `plan` has been issued: its slots come back once it finished."""
-        if plan.lease is not None:
+        if plan.lease is not None and not plan.lease.released:
             self.steps.release(plan.lease, plan.static)
+            self._gate.exit()
+            self._maybe_switch()
 
     @contextlib.contextmanager
     def step(self, names, tokens=None, **kw):
@@ -335,6 +371,7 @@ class Runtime(SchedulingMixin, FillMixin):
             "loads_completed": self.loader.completed,
             "loads_failed": self.loader.failed,
             "pinned": self.pinned(),
+            "merge": self.merge_stats(),
             **{f"{k}_in_flight": v for k, v in self.steps.in_flight().items()},
         }
 

@@ -9,6 +9,10 @@ quarter of it), then device-to-device copies into the slot views, batched with t
 host->device straight into its slot view; bench/upload.py measures both.
 CPU: the same views and copies, synchronous, straight from the slab.
 
+Merged mode (merged.py): a slot may hold two slabs, the request's own in ranks [0, r_own) of each slice
+and the merged adapter's negated one in [r_own, r_own + r_merged); the base-model slot holds the latter
+alone. Both go through the same copies (one staging buffer on CUDA).
+
 Padding: beyond a slot's real rank every row/column must be zero (kernels may read it). The pool
 remembers the rank each (target, slice) of a slot holds; padding is zeroed only where the previous
 occupant's rank was larger than the new one's, so the common case writes nothing but the weights.
@@ -58,20 +62,30 @@ class Uploader:
         self._stream = torch.cuda.Stream(device=self.device, priority=-1) if self.cuda else None
         self._staging = None
 
-    def _slot_views(self, slab, slot: int):
-        """(dst, src-region) pairs: where each region of the slab lands in slot `slot`."""
+    def _slot_views(self, slab, slot: int, starts=None):
+        """(dst, src-region) pairs: where each region of the slab lands in slot `slot`; starts:
+        [target][slice] first rank of the slab's part (None: 0)."""
         out = []
         for reg in slab.layout.regions:
             t = self.targets[reg.target]
+            lo = 0 if starts is None else starts[reg.target][reg.slice]
             full = (t.A if reg.which == "A" else t.B)[reg.slice][slot]
-            dst = full[:reg.rank] if reg.row_prefix else full[:, :reg.rank]
+            dst = full[lo:lo + reg.rank] if reg.row_prefix else full[:, lo:lo + reg.rank]
             out.append((dst, reg))
         return out
 
-    def _zero_padding(self, slab, slot: int, prev_ranks) -> None:
+    @staticmethod
+    def _parts(slab, minus):
+        """(slab, starts) of what a slot receives: the own slab at rank 0, the merged correction after it."""
+        parts = [] if slab is None else [(slab, None)]
+        if minus is not None:
+            parts.append((minus, None if slab is None else slab.layout.slice_ranks))
+        return parts
+
+    def _zero_padding(self, slice_ranks, slot: int, prev_ranks) -> None:
         """Zero [new rank, previous rank) of every (target, slice) whose previous occupant was wider."""
         for ti, t in enumerate(self.targets):
-            new = slab.layout.slice_ranks[ti]
+            new = slice_ranks[ti]
             for si in range(len(t.slices)):
                 prev = t.max_rank if prev_ranks is None else prev_ranks[ti][si]
                 if prev <= new[si]:
@@ -83,41 +97,55 @@ class Uploader:
                     t.A[si][slot, :, lo:hi].zero_()
                 t.B[si][slot, :, lo:hi].zero_()
 
-    def upload(self, slab, slot: int, prev_ranks) -> UploadHandle:
-        """Write `slab` into `slot`. prev_ranks: [target][slice] ranks the slot held (None: unknown)."""
+    def upload(self, slab, slot: int, prev_ranks, minus=None, slice_ranks=None) -> UploadHandle:
+        """Write `slab` into `slot`. prev_ranks: [target][slice] ranks the slot held (None: unknown).
+        Merged mode: `minus` (the merged adapter's negated slab) goes after it, or alone (slab None);
+        slice_ranks: the slot's resulting [target][slice] ranks (merged.correction_ranks)."""
+        parts = self._parts(slab, minus)
+        slice_ranks = slab.layout.slice_ranks if slice_ranks is None else slice_ranks
+        target_ranks = [max(r, default=0) for r in slice_ranks]
+        nbytes = sum(p.nbytes for p, _ in parts)
         if self.cuda:
-            return self._upload_cuda(slab, slot, prev_ranks)
+            return self._upload_cuda(parts, slot, prev_ranks, slice_ranks, target_ranks, nbytes)
         t0 = time.perf_counter()
-        self._zero_padding(slab, slot, prev_ranks)
-        pairs = self._slot_views(slab, slot)
+        self._zero_padding(slice_ranks, slot, prev_ranks)
+        pairs = [(d, p.view(r)) for p, starts in parts for d, r in self._slot_views(p, slot, starts)]
         if pairs:
-            torch._foreach_copy_([d for d, _ in pairs], [slab.view(r) for _, r in pairs])
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
         for ti, t in enumerate(self.targets):
-            t.ranks[slot] = slab.layout.target_ranks[ti]
-        return UploadHandle(seconds=time.perf_counter() - t0, nbytes=slab.nbytes)
+            t.ranks[slot] = target_ranks[ti]
+        return UploadHandle(seconds=time.perf_counter() - t0, nbytes=nbytes)
 
-    def _upload_cuda(self, slab, slot: int, prev_ranks) -> UploadHandle:
-        n = slab.layout.numel
-        ranks_host = torch.tensor(slab.layout.target_ranks, dtype=torch.int32).pin_memory()
+    def _upload_cuda(self, parts, slot: int, prev_ranks, slice_ranks, target_ranks, nbytes) -> UploadHandle:
+        ranks_host = torch.tensor(target_ranks, dtype=torch.int32).pin_memory()
         start = torch.cuda.Event(enable_timing=True)
         done = torch.cuda.Event(enable_timing=True)
         with self._lock, torch.cuda.stream(self._stream):
             start.record(self._stream)
-            self._zero_padding(slab, slot, prev_ranks)
-            pairs = self._slot_views(slab, slot)
+            self._zero_padding(slice_ranks, slot, prev_ranks)
             if self.mode == "direct":
-                for dst, reg in pairs:
-                    dst.copy_(slab.view(reg), non_blocking=True)
-            elif pairs:
-                staging = self._staging_buffer(n, slab.layout.dtype)
-                staging[:n].copy_(slab.buffer[:n], non_blocking=True)
-                srcs = [staging[r.offset:r.offset + r.numel].view(r.rows, r.cols) for _, r in pairs]
-                torch._foreach_copy_([d for d, _ in pairs], srcs)
+                for p, starts in parts:
+                    for dst, reg in self._slot_views(p, slot, starts):
+                        dst.copy_(p.view(reg), non_blocking=True)
+            elif parts:
+                total = sum(p.layout.numel for p, _ in parts)
+                staging = self._staging_buffer(total, parts[0][0].layout.dtype)
+                dsts, srcs, base = [], [], 0
+                for p, starts in parts:
+                    n = p.layout.numel
+                    staging[base:base + n].copy_(p.buffer[:n], non_blocking=True)
+                    for dst, r in self._slot_views(p, slot, starts):
+                        dsts.append(dst)
+                        srcs.append(staging[base + r.offset:base + r.offset + r.numel].view(r.rows, r.cols))
+                    base += n
+                if dsts:
+                    torch._foreach_copy_(dsts, srcs)
             ranks_dev = ranks_host.to(self.device, non_blocking=True)
             torch._foreach_copy_([t.ranks[slot:slot + 1] for t in self.targets],
                                  [ranks_dev[i:i + 1] for i in range(len(self.targets))])
             done.record(self._stream)
-        return UploadHandle(start, done, keep=(slab.buffer, ranks_host), nbytes=slab.nbytes)
+        keep = (*(p.buffer for p, _ in parts), ranks_host)
+        return UploadHandle(start, done, keep=keep, nbytes=nbytes)
 
     def _staging_buffer(self, numel: int, dtype) -> torch.Tensor:
         # allocated on the side stream (we are inside its context), so the caching allocator ties the
