@@ -247,6 +247,32 @@ class HostCache:
             if self._metrics is not None:
                 self._metrics.evicted(TIER)
 
+    def drop(self, key, evicted: bool = False) -> bool:
+        """Remove key now (a leased entry goes when its last lease ends). False if it is not cached.
+        evicted: count it as an eviction (a cap enforced from outside) rather than a removal."""
+        with self._cond:
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            if self._leases.get(key):
+                e.stale = True
+            else:
+                self._remove(key, evicted=evicted)
+            self._cond.notify_all()
+            return True
+
+    def shrink_to_budget(self) -> None:
+        """Evict, as the policy says, until the entries fit the budget and the entry cap again (after
+        either was lowered); pinned and leased entries stay."""
+        with self._cond:
+            while self.used_bytes > self.budget or (self.max_entries is not None
+                                                    and len(self._entries) > self.max_entries):
+                cands = [k for k in self._entries if not self._leases.get(k) and not self._is_pinned(k)]
+                if not cands:
+                    break
+                self._remove(self.policy.victim(cands), evicted=True)
+            self._cond.notify_all()
+
     def drop_stale(self, name: str, current_version) -> int:
         """Drop versions of `name` other than current_version (None: all); leased ones go when released."""
         n = 0

@@ -7,9 +7,12 @@ subclass keeps vLLM's methods and behaviour and changes where adapters come from
 - catalog adapters are read through the catalog (loading.py): exactly the version the request names
   (identity.py: one lora id per version), weights checked before vLLM sees them; other adapters go
   through vLLM's loader;
-- every load goes through a HostAdapterCache (a byte budget, not a count; a thread pool), keyed by
-  (name, version), so an adapter vLLM evicted comes back without storage I/O and a stale copy is
-  never served;
+- every load goes through the runtime's pinned slab arena (slab_cache.py: an exact byte budget, a
+  thread pool), keyed by (name, version): each version is held once, packed for vLLM's stacked tensors,
+  so an adapter vLLM evicted comes back without storage I/O and a stale copy is never served; vLLM's
+  own CPU cache holds only shells (slab_manager.py);
+- a miss reaches its GPU slot in one copy on a side stream, waited on only by the steps that use the
+  slot (slab_upload.py, slab_manager.py);
 - a version stays in host memory while any unfinished request holds it (ledger.py,
   worker_requests.py); a version that cannot be loaded fails only its own requests (failures.py);
 - the adapters a step needs are all started in parallel before vLLM adds them one by one;
@@ -34,12 +37,15 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ..config import RuntimeConfig
-from ..errors import CatalogError
+from ..errors import CatalogError, ConfigError
 from .catalog_handle import get_handle
-from .host_cache import HostAdapterCache
 from .identity import split_path
 from .loading import build_lora_model
 from .residency import ResidencyReporter
+from .slab_cache import SlabCache, SlabEntry
+from .slab_layout import QUANTS, VllmTargets, pack_into
+from .slab_manager import SHELL, LoraplexLoRAModelManager
+from .slab_upload import SlabUploader
 from .worker_catalog import CatalogMixin
 from .worker_requests import RequestsMixin
 
@@ -48,18 +54,7 @@ log = logging.getLogger("loraplex.vllm_plugin")
 ENV_HOST_BYTES = "LORAPLEX_HOST_CACHE_BYTES"  # host cache budget (default: RuntimeConfig's, 2 GiB)
 ENV_HOST_ENTRIES = "LORAPLEX_HOST_CACHE_ENTRIES"  # optional cap on cached adapters
 ENV_WORKERS = "LORAPLEX_LOAD_WORKERS"  # loader threads (default: RuntimeConfig's, 4)
-
-
-def _tensors(lora_model):
-    for layer in lora_model.loras.values():
-        for t in (layer.lora_a, layer.lora_b):
-            for x in (t if isinstance(t, (list, tuple)) else [t]):
-                if isinstance(x, torch.Tensor):
-                    yield x
-
-
-def model_bytes(lora_model) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(lora_model))
+ENV_QUANT = "LORAPLEX_HOST_SLAB_QUANT"  # "int8": host slabs in int8 (half the bytes; see slab_layout.py)
 
 
 def model_rank(lora_model) -> int:
@@ -94,17 +89,21 @@ def _without(mapping, lora_ids):
 
 
 class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAManager):
+    _manager_cls = LoraplexLoRAModelManager
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._catalog = get_handle()
         defaults = RuntimeConfig()
         max_entries = os.environ.get(ENV_HOST_ENTRIES)
-        self._host = HostAdapterCache(
-            self._load_packed, model_bytes,
-            max_bytes=int(os.environ.get(ENV_HOST_BYTES, defaults.host_cache_bytes)),
-            max_entries=int(max_entries) if max_entries else defaults.max_cpu_loras,
-            workers=int(os.environ.get(ENV_WORKERS, defaults.load_workers)),
-        )
+        self._quant = os.environ.get(ENV_QUANT, "").strip() or None
+        if self._quant not in QUANTS:
+            raise ConfigError(f"{ENV_QUANT} must be unset or one of {QUANTS[1:]}, got {self._quant!r}")
+        self._targets = None  # VllmTargets, once vLLM's LoRA layers exist (create_lora_manager)
+        self._host = SlabCache(
+            self._load_slab, max_bytes=int(os.environ.get(ENV_HOST_BYTES, defaults.host_cache_bytes)),
+            max_entries=int(max_entries) if max_entries else None,
+            workers=int(os.environ.get(ENV_WORKERS, defaults.load_workers)), pin=self.device.type == "cuda")
         self._names: dict[int, str] = {}  # lora id -> name, from the requests this worker saw
         self._keys: dict[int, tuple] = {}  # lora id -> host cache key of the weights vLLM holds
         self._real: dict[str, str] = {}  # request path -> resolved path (keys are computed every step)
@@ -117,6 +116,12 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
 
     def create_lora_manager(self, *args, **kwargs):
         model = super().create_lora_manager(*args, **kwargs)
+        manager = self._adapter_manager
+        self._targets = VllmTargets(manager)
+        uploader = SlabUploader(self._targets)
+        uploader.reserve_staging(self._targets.max_nbytes(self._quant))  # before memory profiling and graphs
+        manager.uploader, manager.uploads, manager.step_slots = uploader, [], []
+        manager.lease_slab, manager.release_slab = self._lease_slab, self._host.unlease
         self._pin_from_env()
         self._residency.publish()  # the slots are known now: routers see the replica before any traffic
         return model
@@ -142,32 +147,47 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         path = self._realpath(path)
         return (req.lora_name, path, _signature(path))
 
-    def _load_packed(self, req: LoRARequest):
-        """Runs on the loader pool: the adapter as a vLLM LoRAModel, packed (qkv, gate_up) and scaled,
-        ready for add_adapter as is. A catalog request gets exactly the version it names (the current
-        one, or one still intact where it was resolved), through the catalog's checked reader."""
-        start = time.perf_counter()
+    def _load_model(self, req: LoRARequest):
+        """The adapter as a vLLM LoRAModel (CPU). A catalog request gets exactly the version it names
+        (the current one, or one still intact where it was resolved), through the catalog's checked
+        reader."""
         directory, token = split_path(req.lora_path)
         if token is None:
-            lora = super()._load_adapter(req)
-        else:
-            config, tensors = self._require_catalog().load_version(req.lora_name, token, directory)
-            lora = build_lora_model(self, req.lora_int_id, req.lora_name, config, tensors)
-        pack = getattr(self._adapter_manager, "_create_merged_loras_inplace", None)
-        if pack is not None:
-            pack(lora)  # idempotent: vLLM's add_adapter runs it again and finds nothing left to do
+            return super()._load_adapter(req)
+        config, tensors = self._require_catalog().load_version(req.lora_name, token, directory)
+        return build_lora_model(self, req.lora_int_id, req.lora_name, config, tensors)
+
+    def _load_slab(self, cache, key, req: LoRARequest) -> SlabEntry:
+        """Runs on the loader pool: the adapter packed into the arena (one slab at its real rank, as
+        vLLM's set_lora would place it) and its shell for vLLM's CPU cache."""
+        start = time.perf_counter()
+        lora = self._load_model(req)
+        slab = pack_into(cache.host, key, self._targets, lora, self._quant, pin=self.device.type == "cuda")
+        shell = self._targets.shell(lora)
         self._residency.load_times.observe(time.perf_counter() - start)
-        return lora
+        return SlabEntry(slab, shell, slab.layout.rank)
+
+    def _lease_slab(self, shell):
+        """The slab cache's entry for a shell vLLM activates now, its slab leased (loaded again if the
+        cache let it go: the requests on it hold its version, so it is still where it was resolved)."""
+        key = getattr(shell, SHELL)
+        entry = self._host.lease(key)
+        while entry is None:
+            self._host.get(key, shell.loraplex_request)
+            entry = self._host.lease(key)
+        return entry
 
     def _load_adapter(self, lora_request: LoRARequest):
         key = self._key(lora_request)
-        lora = self._host.get(key, lora_request)
+        entry = self._host.get(key, lora_request)
         self._ahead.pop(key, None)  # loaded ahead, and in use now
-        if lora.id != lora_request.lora_int_id:
-            lora = lora.clone(lora_request.lora_int_id)  # shares the tensors
+        shell = entry.shell.clone(lora_request.lora_int_id)  # shares the (few) tensors vLLM places itself
+        setattr(shell, SHELL, key)
+        shell.loraplex_request = lora_request
         self._names[lora_request.lora_int_id] = lora_request.lora_name
         self._keys[lora_request.lora_int_id] = key
-        return lora
+        self._rank_of[key] = entry.rank
+        return shell
 
     def add_adapter(self, lora_request: LoRARequest) -> bool:
         lora_id = lora_request.lora_int_id
@@ -235,7 +255,9 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
 
     def set_active_adapters(self, requests, mapping) -> None:
         requests = self._step_requests(requests, mapping)
-        self._in_step = True
+        manager = self._adapter_manager
+        manager.step_begins()
+        self._in_step, manager.between_steps = True, False
         self.last_step_adapters = sorted(r.lora_int_id for r in requests)  # tests, debugging
         if len(requests) > 1:
             per_name = Counter(r.lora_name for r in requests).most_common(1)[0][1]
@@ -244,6 +266,8 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
             lost = self._apply_adapters(requests)
         finally:
             self._in_step = False
+            manager.between_steps = True
+        manager.step_ready({r.lora_int_id for r in requests} - lost)
         if mapping is not None:
             if lost:
                 mapping = _without(mapping, lost)
@@ -280,7 +304,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         if key is not None and key in self._rank_of:
             return self._rank_of[key]
         model = self._adapter_manager.get_adapter(lora_id)
-        rank = 0 if model is None else model_rank(model)
+        rank = 0 if model is None or getattr(model, SHELL, None) is not None else model_rank(model)
         if key is not None:
             self._rank_of[key] = rank
         return rank
@@ -289,11 +313,9 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         """(host cache key, rank) of every adapter in the host cache (ranks cached per key: a key is
         one version, so its rank never changes)."""
         out, ranks = [], self._rank_of
-        for key, lora in self._host.items():
-            rank = ranks.get(key)
-            if rank is None:
-                rank = ranks[key] = model_rank(lora)
-            out.append((key, rank))
+        for key, entry in self._host.items():
+            ranks[key] = entry.rank
+            out.append((key, entry.rank))
         if len(ranks) > 4 * max(64, len(out)):  # forget versions long gone from the caches
             keep = {k for k, _ in out} | set(self._keys.values())
             self._rank_of = {k: r for k, r in ranks.items() if k in keep}

@@ -74,7 +74,9 @@ class RequestsMixin:
             key = self._bind(req_id, req)
             if self._prefetch and key not in self._lost:
                 now_loading.append((key, req))
-        return self._load_ahead(now_loading)
+        started = self._load_ahead(now_loading)
+        self._upload_ahead()
+        return started
 
     def on_step(self, scheduler_output) -> None:
         """Before the model runner takes in a step: bind new requests (covers any announcement that
@@ -86,6 +88,25 @@ class RequestsMixin:
         if finished:
             for key in self.ledger.finish(finished):
                 self._release(key)
+        self._upload_ahead()
+
+    def _upload_ahead(self) -> None:
+        """Queued requests' adapters whose slabs are in host memory go to free GPU slots now, before
+        their requests are scheduled (while vLLM's CPU cache has room: making room would push out an
+        adapter a running request may need next step)."""
+        if not self._prefetch:
+            return
+        manager = self._adapter_manager
+        active = manager._active_adapters
+        for lora_id, (req, key) in list(self._request_of_id.items()):
+            if None not in manager.lora_index_to_id or len(manager) >= manager.capacity:
+                return
+            if lora_id in active or key not in self._host or key in self._lost:
+                continue
+            try:
+                self.add_adapter(req)
+            except Exception:  # noqa: BLE001 - a head start only: the step loads what it needs
+                log.debug("loraplex: early upload of '%s' failed", req.lora_name, exc_info=True)
 
     def _release(self, key) -> None:
         for lora_id in [i for i, (_, k) in self._request_of_id.items() if k == key]:
