@@ -39,6 +39,7 @@ class RequestsMixin:
         self.queue_prefetches = 0  # loads started for requests still waiting in the scheduler
         self.failed_requests = 0
         self._request_of_id: dict[int, tuple] = {}  # lora id -> (a LoRARequest for it, its key), while bound
+        self._queued: dict[str, object] = {}  # announced, not yet scheduled: request id -> LoRARequest
 
     # ---- binding requests to versions -----------------------------------------------------------
     def _bind(self, req_id: str, req) -> tuple:
@@ -74,6 +75,7 @@ class RequestsMixin:
             key = self._bind(req_id, req)
             if self._prefetch and key not in self._lost:
                 now_loading.append((key, req))
+                self._queued[req_id] = req
         started = self._load_ahead(now_loading)
         self._upload_ahead()
         return started
@@ -82,10 +84,13 @@ class RequestsMixin:
         """Before the model runner takes in a step: bind new requests (covers any announcement that
         was lost), forget finished ones and let their versions go."""
         for new in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
+            self._queued.pop(new.req_id, None)
             if getattr(new, "lora_request", None) is not None:
                 self._bind(new.req_id, new.lora_request)
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
+            for req_id in finished:
+                self._queued.pop(req_id, None)
             for key in self.ledger.finish(finished):
                 self._release(key)
         self._upload_ahead()
@@ -98,10 +103,11 @@ class RequestsMixin:
             return
         manager = self._adapter_manager
         active = manager._active_adapters
-        for lora_id, (req, key) in list(self._request_of_id.items()):
+        for req in list(self._queued.values()):
             if None not in manager.lora_index_to_id or len(manager) >= manager.capacity:
                 return
-            if lora_id in active or key not in self._host or key in self._lost:
+            key = self._key(req)
+            if req.lora_int_id in active or key not in self._host or key in self._lost:
                 continue
             try:
                 self.add_adapter(req)

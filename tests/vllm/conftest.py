@@ -104,6 +104,11 @@ def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, e
     try:
         yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
     finally:
+        # Shut the engine down now, not when the last reference goes: a failed test's traceback can keep
+        # it alive, and its finalizer would then tear down vLLM's process groups under the next engine.
+        finalizer = getattr(llm.llm_engine.engine_core, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
         del llm
         gc.collect()
         vllm_plugin.unregister()

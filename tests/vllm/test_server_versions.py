@@ -112,11 +112,11 @@ def test_queued_request_keeps_its_version_through_eviction_and_republish(server,
         answers[name] = complete(server, name, PROMPT, 8)
 
     threads = []
-    for i, name in enumerate(("x", "gamma-r16")):  # x resolved and queued, then gamma pushes it out of caches
+    for i, name in enumerate(("x", "gamma-r16")):  # x bound to its version, then gamma pushes it out of caches
         threads.append(threading.Thread(target=send, args=(name,)))
         threads[-1].start()
-        wait_for(lambda i=i: gauge(server, "vllm:num_requests_waiting") >= i + 1, timeout=60,
-                 what=f"{name} to be queued behind the streams")
+        wait_for(lambda i=i: gauge(server, "loraplex_versions_held") >= i + 2, timeout=120,
+                 what=f"{name}'s request to reach the engine")
     publish(server, "gamma-r16", "x", tmp_path)  # x's version is gone from storage now
     for t in threads:
         t.join(timeout=180)
