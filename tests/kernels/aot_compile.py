@@ -241,7 +241,7 @@ def flow_facts(cubin: bytes, src, pdl: bool) -> dict:
     params = sass_facts.param_names(sass_facts.param_layout(cubin), names)
     meta = sass_facts.METADATA
     split = src.constants.get((src.fn.arg_names.index("SPLIT"),), 1) if "SPLIT" in src.fn.arg_names else 1
-    return dict(pre_wait=sass_facts.pre_wait_problems(code, params, meta) if pdl else [],
+    return dict(instr=len(code), pre_wait=sass_facts.pre_wait_problems(code, params, meta) if pdl else [],
                 rank_skips=sass_facts.rank_decided_skips(code, params) if split > 1 else [],
                 chain=sass_facts.round_trips(code, params, meta)["chain"],
                 chain_pdl=sass_facts.round_trips(code, params, meta, pdl=True)["chain"] if pdl else None,
@@ -276,7 +276,7 @@ def check(label, src, warps, stages, pdl, vector, target):
     problems += flow["pre_wait"] + flow["rank_skips"]
     facts = (f"regs={st['regs']} smem={smem} spills={st['local'] + st['stack']} hgmma={st['hgmma']} "
              f"hgmma_reg_a={st['hgmma_reg_a']} u16_loads={st['u16_loads']} warps={warps} stages={stages} "
-             f"pdl={int(pdl)} chain={flow['chain']:.0f}"
+             f"pdl={int(pdl)} instr={flow['instr']} chain={flow['chain']:.0f}"
              + (f" chain_pdl={flow['chain_pdl']:.0f}" if flow["chain_pdl"] is not None else "")
              + (f" arrival={flow['arrival']:.0f}" if flow["arrival"] is not None else ""))
     if problems:

@@ -299,13 +299,14 @@ def round_trips(code, params, metadata, pdl: bool = False) -> dict:
 
 def tail_round_trips(code, params, start: int) -> float:
     """The most round trips from instruction `start` to an EXIT over forward paths (loops once): e.g.
-    the split-K arrival, from the partial's store to the last arrival's reset."""
+    the split-K arrival, from the partial's store to the last arrival's exit (a store at the very end
+    is not waited for: it drains while the program retires)."""
     best = [0.0]
 
     def visit(i, st):
         st.step(code[i])
         if code[i].base == "EXIT":
-            best[0] = max(best[0], st.clock, st.pending)
+            best[0] = max(best[0], st.clock)
         return True
 
     _drive(_walk(code, params, start), visit)
