@@ -98,8 +98,11 @@ def use_pdl(cfg, device) -> bool:
 # interpreter): tl.extra.cuda.gdc_wait() before the first read of anything the previous kernel may have
 # written (activations, weights, y, the split-K scratch); before it a program reads only plan metadata
 # (work list, token ids, ranks). PlanBuffers.build ends with a fence launch, so the kernel right before
-# a LoRA launch is never the one that wrote that metadata. gdc_launch_dependents() once a program's
-# streaming is done lets the next kernel start its own metadata prologue.
+# a LoRA launch is never the one that wrote that metadata: whatever a caller passes as metadata (a rank
+# vector of its own included) must be written before the last build, or be followed by a fence of its
+# own. A program that returns before its wait calls leave() first. gdc_launch_dependents() once a
+# program's streaming is done lets the next kernel start its own metadata prologue. The sm_90 compile
+# test checks all of this on the SASS (tests/kernels/sass.py).
 def launch_options(cfg, pdl: bool) -> dict:
     """num_warps / num_stages, plus launch_pdl only when on (older Triton has no such option)."""
     opts = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
