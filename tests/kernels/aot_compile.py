@@ -16,6 +16,7 @@ compiles each distinct variant once and checks:
     without having waited (tests/kernels/sass.py follows the SASS's control flow and registers);
   - the split-K shrink decides whether a split takes part in its tile's arrival on nothing read
     through the rank vector (splits reading different ranks must still all arrive);
+  - a program's dependent round trips before its first data tile stay within MAX_CHAIN;
   - 16-bit weights at ranks divisible by 16 are loaded as vectors (no LDG.E.U16: a mask along the
     unit-stride rank dimension on the real rank instead of the padded one forces scalar loads);
 read from cuobjdump's resource usage and SASS (the tools ship in Triton's NVIDIA backend).
@@ -58,6 +59,10 @@ ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 SLICE_ARGS = {"NUM_SLICES", "N0", "N1", "N2", "stride_ym"}  # what the slice count changes
 INDEX_PTRS = {"sorted_ids_ptr", "tiles_ptr", "n_tiles_ptr", "ranks_ptr", "count_ptr"}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# dependent global round trips until a program's first data tile (tile record, then rank and token ids
+# together, then the tile; split-K reads the real tile count first): more means ptxas moved a metadata
+# load below a branch again (bench/results/NOTES.md, issue 19)
+MAX_CHAIN = {"sgmv_shrink": 4, "sgmv_expand": 3, "lora_embedding": 3, "sgmv_fused": 4}
 
 
 def _source(kernel, dtype, ints, consts, fp32_ptrs=(), ids_dtype="i64"):
@@ -274,6 +279,10 @@ def check(label, src, warps, stages, pdl, vector, target):
     if pdl and "griddepcontrol.wait" not in k.asm["ptx"]:
         problems.append("launched with PDL but no griddepcontrol.wait before reading the previous kernel's data")
     problems += flow["pre_wait"] + flow["rank_skips"]
+    op = label.split()[0]
+    if flow["chain"] > MAX_CHAIN[op]:
+        problems.append(f"{flow['chain']:.0f} dependent round trips before the first data tile "
+                        f"(at most {MAX_CHAIN[op]})")
     facts = (f"regs={st['regs']} smem={smem} spills={st['local'] + st['stack']} hgmma={st['hgmma']} "
              f"hgmma_reg_a={st['hgmma_reg_a']} u16_loads={st['u16_loads']} warps={warps} stages={stages} "
              f"pdl={int(pdl)} instr={flow['instr']} chain={flow['chain']:.0f}"
