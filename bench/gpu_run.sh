@@ -13,7 +13,7 @@
 # stopped stage never stops the next. Results and logs go to $WORK and are bundled into
 # $OUT/loraplex_gpu.tgz after EVERY stage (the device tool returns at most 8 files from $OUT, also
 # when the command is killed), beside $OUT/summary.txt and $OUT/console.log.
-# STAGES picks stages, in this order (default all): env tests tune step_linear kernels upload step e2e demo
+# STAGES picks stages, in this order (default all): env hazards tests tune step_linear kernels upload step e2e demo
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$SECONDS
@@ -29,7 +29,7 @@ export LORAPLEX_BENCH_OUT="$WORK/results" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHON
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 export TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
 R="$WORK/results"
-STAGES=${STAGES:-"env tests tune step_linear kernels upload step e2e demo"}
+STAGES=${STAGES:-"env hazards tests tune step_linear kernels upload step e2e demo"}
 
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   # the CPU machine: interpreter, tiny shapes, fp16 wherever the peers run (the interpreter's bf16 dot is wrong)
@@ -97,10 +97,18 @@ m = u.module_from_spec(s); s.loader.exec_module(m); print(\"sglang ops ok\")'; \
 $PY -c 'import loraplex.kernels.ops, loraplex.kernels.sgmv_fused, loraplex.kernels.sgmv_shrink, \
 loraplex.kernels.sgmv_expand, loraplex.kernels.embedding; print(\"loraplex kernels import ok\")'"
 
+# the hazards no CPU run can show (bench/GPU_RUN.md lists them): 64-bit slot offsets, PDL after a kernel that
+# signals early and writes late, the overlap paths (eager and graph replay), graphs per adapter-count bucket,
+# a step with misses under torch.cuda.set_sync_debug_mode("error"); vLLM's dual stream where vLLM is installed
+HAZARDS="int64_slot_offsets or writer_that_signals_first or overlap_context_equals or per_adapter_bucket or \
+never_sync_the_host or dual_stream_equals_sequential"
+stage hazards 90 $PY -m pytest -v -m gpu tests/kernels/test_gpu.py tests/vllm/test_overlap_plugin.py -k "$HAZARDS" \
+  -p no:cacheprovider -rfE --durations=10 --junitxml="$R/gpu_hazards.xml" $TESTS_ARGS
+
 # correctness at real shapes and CUDA-graph replay (kernels), device plans, overlapped uploads (runtime);
 # no -x: every test runs; pytest-timeout bounds each test; -v so a stopped run still shows each outcome
-stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/runtime/test_merged_gpu.py tests/kernels/test_gpu.py tests/vllm/test_slab_upload_gpu.py -p no:cacheprovider \
-  -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
+stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/runtime/test_merged_gpu.py tests/kernels/test_gpu.py \
+  tests/vllm/test_slab_upload_gpu.py -k "not ($HAZARDS)" -p no:cacheprovider -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
 
 # kernel configs for this GPU (bench/tune.py): compiles its candidates in parallel, then a coordinate
 # search over the decode step's LoRA, decode first; stops at the stage's deadline with what it found

@@ -59,7 +59,7 @@ def plan(op, p, num_tokens, device):
         _fail(op, "the plan has no work list (build it with PlanBuffers.build)")
     # A graph replays the grid sized at capture: bounded by this step's adapters, it would silently skip
     # the tokens of any adapter beyond them in a later plan written into the same buffers.
-    if p.max_active < p.max_loras and capturing():
+    if p.max_active < p.max_loras and not getattr(p, "graph_bucket", False) and capturing():
         _fail(op, f"a CUDA graph is being captured with a plan bounded to {p.max_active} of {p.max_loras} slots; "
                   "build plans for capture with max_active=None (Runtime.plan(..., static=True) does)")
 

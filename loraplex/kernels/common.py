@@ -98,8 +98,11 @@ def use_pdl(cfg, device) -> bool:
 # interpreter): tl.extra.cuda.gdc_wait() before the first read of anything the previous kernel may have
 # written (activations, weights, y, the split-K scratch); before it a program reads only plan metadata
 # (work list, token ids, ranks). PlanBuffers.build ends with a fence launch, so the kernel right before
-# a LoRA launch is never the one that wrote that metadata. gdc_launch_dependents() once a program's
-# streaming is done lets the next kernel start its own metadata prologue.
+# a LoRA launch is never the one that wrote that metadata: whatever a caller passes as metadata (a rank
+# vector of its own included) must be written before the last build, or be followed by a fence of its
+# own. A program that returns before its wait calls leave() first. gdc_launch_dependents() once a
+# program's streaming is done lets the next kernel start its own metadata prologue. The sm_90 compile
+# test checks all of this on the SASS (tests/kernels/sass.py).
 def launch_options(cfg, pdl: bool) -> dict:
     """num_warps / num_stages, plus launch_pdl only when on (older Triton has no such option)."""
     opts = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
@@ -111,10 +114,14 @@ def launch_options(cfg, pdl: bool) -> dict:
 # ---- work-list prologue -------------------------------------------------------------------------
 @triton.jit
 def tile_meta(tiles_ptr, t):
-    """Slot, first index into the sorted token ids, and row count of work tile t (rows 0: no work).
-    Three loads from one 16-byte record: one round trip."""
-    rec = tiles_ptr + t * 4
-    return tl.load(rec), tl.load(rec + 1), tl.load(rec + 2)
+    """Slot, first index into the sorted token ids, and row count of work tile t (rows 0: no work),
+    from one 16-byte vector load: three scalar loads let ptxas sink the slot and first-row loads below
+    the `rows <= 0` exit, a round trip more on every working program's path."""
+    rec = tl.load(tiles_ptr + t * 4 + tl.arange(0, 4))
+    a, b = tl.split(tl.reshape(rec, (2, 2)))  # [slot, rows], [first, 0]
+    slot, rows = tl.split(a)
+    first, _ = tl.split(b)
+    return slot, first, rows
 
 
 @triton.jit
@@ -132,6 +139,25 @@ def tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M: tl.constexpr):
     mask_m = offs_m < rows
     tok = tl.load(sorted_ids_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
     return mask_m, tok
+
+
+@triton.jit
+def tile_data(ranks_ptr, sorted_ids_ptr, slot, first, rows, R, BLOCK_M: tl.constexpr):
+    """The second and last dependent round trip of a program's prologue, after its tile record: the
+    slot's rank and the tile's token ids, loaded together (the rank first: ptxas keeps that order)."""
+    rank = slot_rank(ranks_ptr, slot, R)
+    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
+    return rank, mask_m, tok
+
+
+@triton.jit
+def leave(USE_PDL: tl.constexpr):
+    """Call before a return that comes before the program's gdc_wait. Whether a PDL grid whose
+    programs all return without waiting orders its predecessor's writes before the kernels after it
+    is not documented (a step where every token has slot -1 returns from every program early), so no
+    program leaves without having waited."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit

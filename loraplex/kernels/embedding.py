@@ -15,12 +15,12 @@ from .common import (
     dot_precision,
     grid_dim,
     launch_options,
+    leave,
     plan_tensors,
     require_launchable,
-    slot_rank,
+    tile_data,
     tile_list,
     tile_meta,
-    tile_tokens,
     upcast,
     use_pdl,
 )
@@ -40,14 +40,14 @@ def _lora_embedding_kernel(
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     slot, first, rows = tile_meta(tiles_ptr, t)
-    if rows <= 0:
+    if rows <= 0:  # decided with the record's own round trip
+        leave(USE_PDL)
         return
-    rank = slot_rank(ranks_ptr, slot, R)
-    if rank == 0:
-        return
-    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
+    rank, mask_m, tok = tile_data(ranks_ptr, sorted_ids_ptr, slot, first, rows, R, BLOCK_M)
     if USE_PDL:  # the token ids are the model's input, written by whatever ran before
         tl.extra.cuda.gdc_wait()
+    if rank == 0:  # after the wait: no branch on the rank between its load and the token ids'
+        return
     ids = tl.load(ids_ptr + tok, mask=mask_m, other=0).to(tl.int64)
     ok_m = mask_m & (ids >= 0) & (ids < V)  # out-of-vocabulary ids gather zeros: they add nothing
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -18,13 +18,13 @@ from .common import (
     dot_precision,
     grid_dim,
     launch_options,
+    leave,
     pick_slice,
     plan_tensors,
     require_launchable,
-    slot_rank,
+    tile_data,
     tile_list,
     tile_meta,
-    tile_tokens,
     upcast,
     use_pdl,
 )
@@ -44,11 +44,10 @@ def _sgmv_expand_kernel(
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     slot, first, rows = tile_meta(tiles_ptr, t)
-    if rows <= 0:
+    if rows <= 0:  # decided with the record's own round trip
+        leave(USE_PDL)
         return
-    rank = slot_rank(ranks_ptr, slot, R)
-    if ADD and rank == 0:  # adds nothing; overwrite mode still has to store its zeros
-        return
+    rank, mask_m, tok = tile_data(ranks_ptr, sorted_ids_ptr, slot, first, rows, R, BLOCK_M)
 
     # which slice this column block belongs to, its first column there, and the slice's place in y
     sid = 0
@@ -71,7 +70,6 @@ def _sgmv_expand_kernel(
                 N = N2
     b_ptr = pick_slice(sid, b0_ptr, b1_ptr, b2_ptr, NUM_SLICES)
 
-    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -80,6 +78,10 @@ def _sgmv_expand_kernel(
     b_ptrs = b_base + offs_n[None, :] * R + offs_r[:, None]  # [BLOCK_R, BLOCK_N]
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    # rank 0 adds nothing (overwrite mode still stores its zeros); tested after the wait, not before, so
+    # that nothing branches on the rank between its load and the token ids' (issued together)
+    if ADD and rank == 0:
+        return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         in_r = offs_r < R - r0  # the padded rank: R % 16 == 0 lets these loads be 16-byte vectors

@@ -22,13 +22,13 @@ from .common import (
     dot_x_at,
     grid_dim,
     launch_options,
+    leave,
     pick_slice,
     plan_tensors,
     require_launchable,
-    slot_rank,
+    tile_data,
     tile_list,
     tile_meta,
-    tile_tokens,
     upcast,
     use_pdl,
 )
@@ -66,19 +66,19 @@ def _sgmv_fused_kernel(
     t = pid // split
     g = pid % split
     if t >= n_t:
+        leave(USE_PDL)
         return
-    slot, first, rows = tile_meta(tiles_ptr, t)
-    rank = slot_rank(ranks_ptr, slot, R)
-    if rank == 0:
-        return
+    slot, first, rows = tile_meta(tiles_ptr, t)  # a real tile (t < n_t): rows >= 1
+    rank, mask_m, tok = tile_data(ranks_ptr, sorted_ids_ptr, slot, first, rows, R, BLOCK_M)
     a_ptr = pick_slice(sid, a0_ptr, a1_ptr, a2_ptr, NUM_SLICES)
     b_ptr = pick_slice(sid, b0_ptr, b1_ptr, b2_ptr, NUM_SLICES)
-    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
     # BLOCK_R covers R; rows past the slot's rank are masked (not read), so padding costs no bytes
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    if rank == 0:  # after the wait: no branch on the rank between its load and the token ids'
+        return
 
     # shrink: h[BLOCK_M, BLOCK_R] in fp32, kept in registers for every column block below
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)

@@ -9,7 +9,8 @@ tiles x splits, the split count computed on the device from the real tile count,
 with one adapter still splits well when replayed with eight. Each split writes an fp32 partial to the
 plan's scratch and bumps the tile's arrival counter; the last to arrive sums the partials in split
 order (deterministic: the same bits whichever split finishes last), writes h and resets the counter
-to zero for the next launch (no zeroing launch, and graph replays find it at zero).
+to zero for the next launch (no zeroing launch, and graph replays find it at zero). Every
+PlanBuffers.build zeroes all counters as well, so one stray arrival cannot outlive its step.
 """
 
 import torch
@@ -22,18 +23,26 @@ from .common import (
     dot_x_at,
     grid_dim,
     launch_options,
+    leave,
     pick_slice,
     plan_tensors,
     require_launchable,
-    slot_rank,
+    tile_data,
     tile_list,
     tile_meta,
-    tile_tokens,
     upcast,
     use_pdl,
 )
 from .config import get as get_config
 from .tiles import tile_bound
+
+
+@triton.jit
+def _partial(p_ptrs, stride_pk, mask_out, offs_r, k, n_split):
+    """Split k's partial (zeros past n_split). The mask is a vector compare: the interpreter's scalar
+    compare yields a mask it cannot load with."""
+    live = (offs_r * 0 + k) < n_split
+    return tl.load(p_ptrs + k * stride_pk, mask=mask_out & live[None, :], other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -49,9 +58,9 @@ def _sgmv_shrink_kernel(
     pid = tl.program_id(0)
     pid_rs = tl.program_id(1)
     n_k = tl.cdiv(K, BLOCK_K)
-    if SPLIT:
+    if SPLIT > 1:
         # as many splits per tile as the grid has room for over the real tiles (at least 1, at most
-        # max_split), then evened out so that no split is empty
+        # max_split <= SPLIT), then evened out so that no split is empty
         n_t = tl.load(n_tiles_ptr)
         want = tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_t, 1), 1), max_split)
         k_per = tl.cdiv(n_k, want)
@@ -59,6 +68,7 @@ def _sgmv_shrink_kernel(
         t = pid // n_split
         pk = pid % n_split
         if t >= n_t:
+            leave(USE_PDL)
             return
     else:
         t = pid
@@ -66,32 +76,31 @@ def _sgmv_shrink_kernel(
         k_per = n_k
         n_split = 1
     slot, first, rows = tile_meta(tiles_ptr, t)
-    if rows <= 0:
+    if rows <= 0:  # decided with the record's own round trip
+        leave(USE_PDL)
         return
-    rank = slot_rank(ranks_ptr, slot, R)
-    mask_m, tok = tile_tokens(sorted_ids_ptr, first, rows, BLOCK_M)
+    rank, mask_m, tok = tile_data(ranks_ptr, sorted_ids_ptr, slot, first, rows, R, BLOCK_M)
     n_rb = tl.cdiv(R, BLOCK_R)
     sid = pid_rs // n_rb
     r0 = (pid_rs % n_rb) * BLOCK_R
     offs_r = r0 + tl.arange(0, BLOCK_R)
     out_ptrs = out_ptr + sid * stride_os + tok[:, None] * stride_om + offs_r[None, :]
     mask_out = mask_m[:, None] & (offs_r[None, :] < R)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if r0 >= rank:  # a rank block wholly in the padding: zeros, stored by the first split only
-        if pk == 0:
-            tl.store(out_ptrs, acc, mask=mask_out)
-        return
     mask_r = offs_r < rank  # never read the padding: its contents are not trusted
     a_ptr = pick_slice(sid, a0_ptr, a1_ptr, a2_ptr, NUM_SLICES)
     k_lo = pk * k_per
-    acc = dot_x_at(acc, x_ptr, stride_xm, tok, mask_m, a_ptr, slot, offs_r, mask_r, K, R, k_lo,
-                   tl.minimum(n_k, k_lo + k_per), BLOCK_K, EVEN_K, UPCAST, DOT_PREC)
+    # a rank block wholly in the padding walks no K tile and yields zeros; under split-K it still takes
+    # part in the arrival below, so all splits of a tile take the same path whatever they read as rank
+    k_hi = tl.where(r0 < rank, tl.minimum(n_k, k_lo + k_per), k_lo)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = dot_x_at(acc, x_ptr, stride_xm, tok, mask_m, a_ptr, slot, offs_r, mask_r, K, R, k_lo, k_hi,
+                   BLOCK_K, EVEN_K, UPCAST, DOT_PREC)
     acc = acc * scale
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if SPLIT:
+    if SPLIT > 1:
         if n_split > 1:
             # partials live at [split, slice, token, R] (contiguous) in the scratch; rows are tokens, as in h
             p_ptrs = part_ptr + sid * stride_ps + tok[:, None] * R + offs_r[None, :]
@@ -100,11 +109,14 @@ def _sgmv_shrink_kernel(
             c_ptr = count_ptr + t * tl.num_programs(1) + pid_rs
             arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")  # release our partial, acquire the others
             if arrived == n_split - 1:
+                # zero again for the next launch / graph replay: nothing else touches it in this launch
+                tl.atomic_xchg(c_ptr, 0, sem="relaxed")
+                # every partial with independent loads (unrolled: ptxas issues as many at once as its
+                # registers allow), summed in split order so the bits do not depend on who came last
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k in range(0, n_split):  # fixed order: the result does not depend on who came last
-                    acc += tl.load(p_ptrs + k * stride_pk, mask=mask_out, other=0.0, cache_modifier=".cg")
+                for k in tl.static_range(SPLIT):
+                    acc += _partial(p_ptrs, stride_pk, mask_out, offs_r, k, n_split)
                 tl.store(out_ptrs, acc, mask=mask_out)
-                tl.atomic_xchg(c_ptr, 0)  # zero again for the next launch / graph replay
         else:
             tl.store(out_ptrs, acc, mask=mask_out)
     else:
@@ -157,7 +169,8 @@ def run(
         sorted_ids, recs, count, ranks, partials, counters,
         K, R, float(scale), splits,
         x.stride(0), out.stride(0), out.stride(1), T * R, len(A) * T * R,
-        NUM_SLICES=len(A), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, EVEN_K=K % bk == 0, SPLIT=splits > 1,
+        NUM_SLICES=len(A), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, EVEN_K=K % bk == 0,
+        SPLIT=triton.next_power_of_2(splits) if splits > 1 else 1,
         UPCAST=upcast(x.dtype), DOT_PREC=dot_precision(x.dtype), USE_PDL=pdl, **launch_options(cfg, pdl),
     )
 

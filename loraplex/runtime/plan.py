@@ -35,9 +35,13 @@ class BatchPlan:
                                  slot, first index into sorted_token_ids, rows (0 past the real tiles), 0
     n_tiles[len(TILE_SIZES)] int32  real tiles per tile size (device scalars)
     split_partials[P]     fp32   split-K shrink partial sums (scratch, contents meaningless between launches)
-    split_counters[C]     int32  split-K arrival counters: zero between launches (the last arrival resets)
+    split_counters[C]     int32  split-K arrival counters: zero between launches (the last arrival resets
+                                 its tile's counter, and every build zeroes them all)
     max_active            int    host-side upper bound on the distinct slots of this step (sizes the
                                  kernels' grids); max_loras for plans a CUDA graph may capture
+    graph_bucket          bool   max_active is the adapter-count bucket of the CUDA graph that runs this
+                                 step (one graph per bucket, replayed only for steps within it): the
+                                 launchers may then be captured with max_active < max_loras
     """
 
     num_tokens: int
@@ -55,6 +59,7 @@ class BatchPlan:
     n_tiles: torch.Tensor | None = None
     split_partials: torch.Tensor | None = None
     split_counters: torch.Tensor | None = None
+    graph_bucket: bool = False
 
     @property
     def device(self):
@@ -109,15 +114,23 @@ class PlanBuffers:
         self._t_first = torch.zeros(n, nt, **i64)
         self.split_partials = torch.empty(max(1, split_partial_floats), dtype=torch.float32, device=self.device)
         self.split_counters = torch.zeros(max(1, split_counters), **i32)
+        self._bad = torch.zeros(max_tokens, dtype=torch.bool, device=self.device)
+        self._bad2 = torch.zeros(max_tokens, dtype=torch.bool, device=self.device)
         self._fence = torch.zeros(1, **i32)
 
     def build(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor | None = None,
-              max_active: int | None = None) -> BatchPlan:
+              max_active: int | None = None, graph_bucket: bool = False) -> BatchPlan:
         """Fill the buffers from token_slots[T] (int32 on this device, values in [-1, max_loras)).
+
+        Slots outside that range: on a CPU device a LaunchError naming the first bad token and slot; on
+        a GPU (where checking would be a device->host sync) they are made -1 on the device, so those rows
+        get no adapter and nothing indexes past the buffers (no device-side assert).
 
         slot_ranks[max_loras] (int32) is copied in if given. max_active, if the caller knows how many
         distinct adapters the batch has (the runtime does, on the host), tightens the kernels' grids;
-        leave it None (max_loras) for a plan whose launches a CUDA graph may capture and replay.
+        leave it None (max_loras) for a plan whose launches a CUDA graph may capture and replay, or pass
+        graph_bucket=True when max_active is the bucket of the graph that will run the step (vLLM's
+        graphs per adapter count: every step replayed by that graph has at most max_active adapters).
         """
         T = token_slots.numel()
         if token_slots.dim() != 1 or self.max_tokens < T:
@@ -132,6 +145,7 @@ class PlanBuffers:
         slots = self.token_slots[:T]
         if token_slots.data_ptr() != slots.data_ptr():
             slots.copy_(token_slots)
+        self._check_slots(slots, T)
         if slot_ranks is not None:
             self.slot_ranks.copy_(slot_ranks)
         if T:
@@ -152,6 +166,9 @@ class PlanBuffers:
         self.active_slots.copy_(self._active_idx)
         torch.sum(self._present, 0, keepdim=True, dtype=torch.int32, out=self.num_active)
         self._build_tiles(counts[1:], self._starts[:-1])
+        # One memset per step: a counter left non-zero by anything (an arrival that never completed, a
+        # pending side-stream shrink dropped without its join) is not carried into this step's shrinks.
+        self.split_counters.zero_()
         # Last: one tiny kernel that writes nothing a LoRA kernel reads. A kernel launched right after
         # with programmatic dependent launch may start while its predecessor's blocks finish; the
         # kernels read plan metadata before their grid-dependency wait, so that predecessor must not
@@ -173,7 +190,25 @@ class PlanBuffers:
             n_tiles=self.n_tiles,
             split_partials=self.split_partials,
             split_counters=self.split_counters,
+            graph_bucket=bool(graph_bucket) and max_active is not None,
         )
+
+    def _check_slots(self, slots, T: int) -> None:
+        if not T:
+            return
+        L = self.max_loras
+        if self.device.type == "cpu":  # host memory: checking costs no sync
+            bad = ((slots < -1) | (slots >= L)).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise LaunchError(f"token {i} has slot {int(slots[i])}: a slot must be -1 (no adapter) or in "
+                                  f"[0, {L}) for plans of {L} slots ({bad.numel()} bad tokens)")
+            return
+        bad, bad2 = self._bad[:T], self._bad2[:T]
+        torch.lt(slots, -1, out=bad)
+        torch.ge(slots, L, out=bad2)
+        bad.logical_or_(bad2)
+        slots.masked_fill_(bad, -1)
 
     def _build_tiles(self, count, start):
         """The work lists of every tile size at once ([sizes, NT] ops): tile i of size BM belongs to the

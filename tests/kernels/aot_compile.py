@@ -10,7 +10,13 @@ compiles each distinct variant once and checks:
   - 0 spills (no local memory), shared memory within budget.SMEM_LIMIT;
   - no HGMMA (wgmma) that takes A from registers inside a pipelined loop (num_stages > 1), and no A
     register rewritten before its wgmma finished (ptxas < 13.3, triton-lang/triton#9433);
-  - variants launched with programmatic dependent launch wait (griddepcontrol.wait) before their data;
+  - variants launched with programmatic dependent launch wait (griddepcontrol.wait, ACQBULK in SASS)
+    before their data: on every path from the entry, nothing before the wait stores, does an atomic or
+    a cp.async, or loads through anything but the plan's metadata pointers, and no program exits
+    without having waited (tests/kernels/sass.py follows the SASS's control flow and registers);
+  - the split-K shrink decides whether a split takes part in its tile's arrival on nothing read
+    through the rank vector (splits reading different ranks must still all arrive);
+  - a program's dependent round trips before its first data tile stay within MAX_CHAIN;
   - 16-bit weights at ranks divisible by 16 are loaded as vectors (no LDG.E.U16: a mask along the
     unit-stride rank dimension on the real rank instead of the padded one forces scalar loads);
 read from cuobjdump's resource usage and SASS (the tools ship in Triton's NVIDIA backend).
@@ -39,7 +45,10 @@ from loraplex.kernels import budget, config  # noqa: E402
 from loraplex.kernels.embedding import _lora_embedding_kernel  # noqa: E402
 from loraplex.kernels.sgmv_expand import _sgmv_expand_kernel  # noqa: E402
 from loraplex.kernels.sgmv_fused import _sgmv_fused_kernel  # noqa: E402
-from loraplex.kernels.sgmv_shrink import _sgmv_shrink_kernel  # noqa: E402
+from loraplex.kernels.sgmv_shrink import _sgmv_shrink_kernel, split_plan  # noqa: E402
+from loraplex.kernels.tiles import tile_bound  # noqa: E402
+from loraplex.runtime.plan import SPLIT_COUNTERS, SPLIT_PARTIAL_FLOATS  # noqa: E402
+from tests.kernels import sass as sass_facts  # noqa: E402
 
 MODULES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
            "down": (14336, (4096,)), "lm_head": (4096, (128256,))}
@@ -50,6 +59,10 @@ ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 SLICE_ARGS = {"NUM_SLICES", "N0", "N1", "N2", "stride_ym"}  # what the slice count changes
 INDEX_PTRS = {"sorted_ids_ptr", "tiles_ptr", "n_tiles_ptr", "ranks_ptr", "count_ptr"}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# dependent global round trips until a program's first data tile (tile record, then rank and token ids
+# together, then the tile; split-K reads the real tile count first): more means ptxas moved a metadata
+# load below a branch again (bench/results/NOTES.md, issue 19)
+MAX_CHAIN = {"sgmv_shrink": 4, "sgmv_expand": 3, "lora_embedding": 3, "sgmv_fused": 4}
 
 
 def _source(kernel, dtype, ints, consts, fp32_ptrs=(), ids_dtype="i64"):
@@ -78,15 +91,28 @@ def _source(kernel, dtype, ints, consts, fp32_ptrs=(), ids_dtype="i64"):
     return ASTSource(kernel, sig, cx, attrs), (kernel.__name__, key)
 
 
+class _Sized:
+    """Stands in for the plan's split-K scratch in split_plan, which reads only numel()."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def numel(self):
+        return self.n
+
+
 def _shrink(T, K, widths, R, dt, c):
     ns = len(widths)
-    splits = 2 if c.get("SPLIT_K", 1) > 1 else 1  # the SPLIT variant; max_split is a runtime int (not 1)
-    ints = dict(K=K, R=R, max_split=splits, stride_xm=K, stride_os=T * R, stride_om=R, stride_ps=T * R,
+    bound = tile_bound(T, c["BLOCK_M"], 32)
+    splits, _ = split_plan(c, T, K, R, ns, bound, _Sized(SPLIT_PARTIAL_FLOATS), _Sized(SPLIT_COUNTERS))
+    # max_split is a runtime int (not 1 where it splits); SPLIT, the unrolled bound of the partials' sum,
+    # is its power of two, as the launcher passes it
+    ints = dict(K=K, R=R, max_split=max(2, splits), stride_xm=K, stride_os=T * R, stride_om=R, stride_ps=T * R,
                 stride_pk=ns * T * R)
     return _source(_sgmv_shrink_kernel, dt, ints, dict(
         NUM_SLICES=ns, BLOCK_M=c["BLOCK_M"], BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
-        EVEN_K=K % c["BLOCK_K"] == 0, SPLIT=splits > 1, UPCAST=False, DOT_PREC=PREC[dt], USE_PDL=c["PDL"]),
-        fp32_ptrs=("out_ptr", "part_ptr"))
+        EVEN_K=K % c["BLOCK_K"] == 0, SPLIT=triton.next_power_of_2(splits) if splits > 1 else 1, UPCAST=False,
+        DOT_PREC=PREC[dt], USE_PDL=c["PDL"]), fp32_ptrs=("out_ptr", "part_ptr"))
 
 
 def _expand(T, K, widths, R, dt, c):
@@ -205,6 +231,28 @@ def inspect_cubin(cubin: bytes) -> dict:
                 local_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)))
 
 
+def flow_facts(cubin: bytes, src, pdl: bool) -> dict:
+    """What sass.py reads off the binary's control flow: pre-wait problems (PDL variants), split-K
+    arrivals decided on the rank, and the dependent round trips (chain to the first data tile; with
+    PDL counted from the wait; the split-K arrival)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([str(BIN / "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    code = sass_facts.parse(text)
+    names = [n for n, ty in src.signature.items() if ty != "constexpr"]
+    params = sass_facts.param_names(sass_facts.param_layout(cubin), names)
+    meta = sass_facts.METADATA
+    split = src.constants.get((src.fn.arg_names.index("SPLIT"),), 1) if "SPLIT" in src.fn.arg_names else 1
+    return dict(instr=len(code), pre_wait=sass_facts.pre_wait_problems(code, params, meta) if pdl else [],
+                rank_skips=sass_facts.rank_decided_skips(code, params) if split > 1 else [],
+                chain=sass_facts.round_trips(code, params, meta)["chain"],
+                chain_pdl=sass_facts.round_trips(code, params, meta, pdl=True)["chain"] if pdl else None,
+                arrival=sass_facts.arrival_round_trips(code, params))
+
+
 def check(label, src, warps, stages, pdl, vector, target):
     """(ok, line) for one variant."""
     opts = dict(num_warps=warps, num_stages=stages)
@@ -215,6 +263,7 @@ def check(label, src, warps, stages, pdl, vector, target):
     except Exception as e:  # noqa: BLE001 - a variant that does not compile is the finding
         return False, f"FAIL sm_{target.arch}  {label}  compile error: {type(e).__name__}: {str(e)[:300]}"
     st = inspect_cubin(k.asm["cubin"])
+    flow = flow_facts(k.asm["cubin"], src, pdl)
     smem = int(k.metadata.shared) + st["static_smem"]
     problems = []
     if st["local"] or st["stack"] or st["local_ops"]:
@@ -229,9 +278,16 @@ def check(label, src, warps, stages, pdl, vector, target):
         problems.append(f"{st['u16_loads']} scalar 16-bit loads (masks along the unit-stride rank break vectors)")
     if pdl and "griddepcontrol.wait" not in k.asm["ptx"]:
         problems.append("launched with PDL but no griddepcontrol.wait before reading the previous kernel's data")
+    problems += flow["pre_wait"] + flow["rank_skips"]
+    op = label.split()[0]
+    if flow["chain"] > MAX_CHAIN[op]:
+        problems.append(f"{flow['chain']:.0f} dependent round trips before the first data tile "
+                        f"(at most {MAX_CHAIN[op]})")
     facts = (f"regs={st['regs']} smem={smem} spills={st['local'] + st['stack']} hgmma={st['hgmma']} "
              f"hgmma_reg_a={st['hgmma_reg_a']} u16_loads={st['u16_loads']} warps={warps} stages={stages} "
-             f"pdl={int(pdl)}")
+             f"pdl={int(pdl)} instr={flow['instr']} chain={flow['chain']:.0f}"
+             + (f" chain_pdl={flow['chain_pdl']:.0f}" if flow["chain_pdl"] is not None else "")
+             + (f" arrival={flow['arrival']:.0f}" if flow["arrival"] is not None else ""))
     if problems:
         return False, f"FAIL sm_{target.arch}  {label}  {facts}  " + "; ".join(problems)
     return True, f"ok  sm_{target.arch}  {label}  {facts}"

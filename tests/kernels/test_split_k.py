@@ -37,7 +37,7 @@ def test_split_k_mixes(monkeypatch, dtype, mix):
     rec = Recorder(monkeypatch)
     _case(dtype, mix, seed=hash(mix) % 1000)
     (launch,) = rec.launches
-    assert launch.kwargs["SPLIT"] and launch.args[14] == 4  # the split path ran, up to 4 splits
+    assert launch.kwargs["SPLIT"] == 4 and launch.args[14] == 4  # the split path ran, up to 4 splits
 
 
 def test_split_k_is_deterministic_and_replays_clean():
@@ -70,13 +70,26 @@ def test_split_count_follows_the_real_tiles_on_the_device():
 def test_scratch_too_small_runs_unsplit(monkeypatch):
     rec = Recorder(monkeypatch)
     _case(torch.float16, "uniform", buffers=PlanBuffers(24, 6, split_partial_floats=100))
-    assert rec.launches[-1].kwargs["SPLIT"] is False
+    assert rec.launches[-1].kwargs["SPLIT"] == 1
     rec.clear()
     _case(torch.float16, "uniform", buffers=PlanBuffers(24, 6, split_counters=3))
-    assert rec.launches[-1].kwargs["SPLIT"] is False
+    assert rec.launches[-1].kwargs["SPLIT"] == 1
 
 
 def test_split_k_odd_sizes_rank_one_and_all_minus_one():
     cfg = dict(SPLIT, BLOCK_K=32)
     _case(torch.bfloat16, "zipf", T=13, K=129, R=1, L=3, n_slices=3, seed=5, cfg=cfg)
     _case(torch.float32, "uniform", T=9, K=129, R=16, L=3, n_slices=1, seed=6, cfg=cfg, none_frac=1.0)
+
+
+def test_a_stray_arrival_does_not_outlive_its_step():
+    """One arrival too many (a split that left early, a side-stream shrink dropped without its join)
+    leaves a tile's counter at 1: every later launch would then take its third arrival for the last,
+    sum a stale partial, and leave 1 behind again. PlanBuffers.build zeroes the counters, so the step
+    after the stray one is exact, and so is every step after that."""
+    bufs = PlanBuffers(24, 6)
+    _, (x, A, plan) = _case(torch.float32, "identical", buffers=bufs, none_frac=0.0)
+    bufs.split_counters[0] = 1  # the stray arrival, on tile 0 (which is split 4 ways)
+    launch_shrink(x, A, plan, torch.zeros(2, 24, 32), 0.5, config=SPLIT)  # this step's own result is lost
+    for seed in (1, 2, 3):  # the next steps: new plans built into the same buffers, fresh inputs
+        _case(torch.float32, "identical", seed=seed, buffers=bufs, none_frac=0.0)

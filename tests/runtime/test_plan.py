@@ -160,3 +160,14 @@ def test_static_plans_bound_the_grid_by_every_slot(make_runtime, catalog_dir, mo
         # the runtime tests' fp32 tolerance (check_plan): these adapters' deltas are not normalized to O(1)
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4, msg=lambda m, p=path: f"{p} replay: {m}")
         rt.release(second)
+
+
+@pytest.mark.parametrize("bad", [4, 99, -2])
+def test_out_of_range_slot_is_named(bad):
+    """A slot outside [-1, max_loras) is the caller's bug: a LaunchError naming the token and the slot
+    (on a GPU an out-of-bounds index would be a device-side assert that takes the CUDA context down)."""
+    buf = PlanBuffers(8, 4)
+    slots = torch.tensor([0, 1, -1, bad, 2], dtype=torch.int32)
+    with pytest.raises(LaunchError, match=rf"token 3 has slot {bad}\b.*\[0, 4\)"):
+        buf.build(slots)
+    _check(buf.build(torch.tensor([0, 3, -1], dtype=torch.int32)), [0, 3, -1], 4)  # the buffers still work

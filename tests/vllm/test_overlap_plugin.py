@@ -55,3 +55,48 @@ def test_overlap_switch(monkeypatch):
     if not torch.cuda.is_available():
         assert overlap.install() is False  # no CUDA streams: vLLM's layers stay as they are
         assert overlap.ENV_VLLM_DUAL not in os.environ
+
+
+@pytest.mark.gpu
+def test_dual_stream_equals_sequential_eager_and_replayed(vllm_dist, monkeypatch):
+    """vLLM's dual stream with LORAPLEX_OVERLAP: our split of BaseLinearLayerWithLoRA._apply_async_impl
+    (shrink on the layer's auxiliary stream under the base GEMM, expand after the join) equals the
+    sequential path, eager and replayed from a CUDA graph with other mappings. Needs vLLM on CUDA."""
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers import MergedQKVParallelLinearWithLoRA
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    from loraplex.vllm_plugin.overlap import _wrap
+
+    monkeypatch.setenv("LORAPLEX_BACKEND", "triton")
+    lora_config = LoRAConfig(max_lora_rank=8, max_loras=MAX_LORAS, lora_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    base = QKVParallelLinear(64, 32, 2, 1, bias=False, params_dtype=torch.float32)
+    _prepare(base, gen)
+    base.cuda()
+    layer = MergedQKVParallelLinearWithLoRA(base)
+    layer.create_lora_weights(MAX_LORAS, lora_config)
+    from loraplex.vllm_plugin.punica import LoraplexPunicaWrapper
+
+    w = LoraplexPunicaWrapper(64, 8, "cuda", lora_config=lora_config)
+    layer.set_mapping(w)
+    adapters = _adapters(64, (64, 32, 32), gen)
+    for slot, lid in enumerate(IDS):
+        layer.set_lora(slot, *[[t.cuda() for t in part] for part in adapters[lid]])
+    layer._lora_stream = torch.cuda.Stream()
+    layer._events = [torch.cuda.Event(), torch.cuda.Event()]
+    split = _wrap(lambda self, x, bias=None: None)
+    x = _rand(len(TOKENS), 64, scale=1.0, gen=gen).cuda()
+    mappings = (TOKENS, tuple(reversed(TOKENS)), (IDS[1],) * len(TOKENS))
+    for tokens in mappings:
+        _remap(w, tokens)
+        torch.testing.assert_close(split(layer, x), layer._apply_sync(x), rtol=0, atol=1e-5)
+    _remap(w, TOKENS)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = split(layer, x)
+    for tokens in mappings[1:]:
+        _remap(w, tokens)
+        graph.replay()
+        torch.testing.assert_close(static, layer._apply_sync(x), rtol=0, atol=1e-5)
