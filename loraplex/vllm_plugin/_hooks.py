@@ -100,3 +100,11 @@ def unwrap(owner, attr: str) -> None:
     orig = getattr(vars(owner).get(attr), "__loraplex_wrapped__", None)
     if orig is not None:
         setattr(owner, attr, orig)
+
+
+def unwrap_loaded(module_name: str, owner: str, *attrs: str) -> None:
+    """unwrap() `attrs` of class `owner` of module `module_name`, if that module was imported."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        for attr in attrs:
+            unwrap(getattr(module, owner), attr)

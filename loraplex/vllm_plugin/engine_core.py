@@ -17,7 +17,7 @@ import logging
 import os
 
 from . import failures
-from ._hooks import unwrap, wrap
+from ._hooks import unwrap_loaded, wrap
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -118,11 +118,5 @@ def patch_scheduler(module) -> None:
 
 
 def unpatch() -> None:
-    import sys
-
-    core = sys.modules.get(CORE_MODULE)
-    if core is not None:
-        unwrap(core.EngineCore, "add_request")
-    sched = sys.modules.get(SCHEDULER_MODULE)
-    if sched is not None:
-        unwrap(sched.Scheduler, "update_from_output")
+    unwrap_loaded(CORE_MODULE, "EngineCore", "add_request")
+    unwrap_loaded(SCHEDULER_MODULE, "Scheduler", "update_from_output")

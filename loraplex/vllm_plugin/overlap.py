@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ._hooks import after_import, unwrap, wrap
+from ._hooks import after_import, unwrap_loaded, wrap
 
 log = logging.getLogger("loraplex.vllm_plugin")
 
@@ -47,11 +47,7 @@ def patch_layers(module) -> None:
 
 
 def unpatch_layers() -> None:
-    import sys
-
-    module = sys.modules.get(MODULE)
-    if module is not None:
-        unwrap(module.BaseLinearLayerWithLoRA, "_apply_async_impl")
+    unwrap_loaded(MODULE, "BaseLinearLayerWithLoRA", "_apply_async_impl")
 
 
 def _wrap(orig):

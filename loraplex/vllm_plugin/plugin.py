@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 
-from ._hooks import after_import, unwrap, wrap
+from ._hooks import after_import, unwrap_loaded, wrap
 from .catalog_handle import ENV_CATALOG
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -290,9 +290,7 @@ def unregister() -> None:
 
         unpatch_engine_core()
         unpatch_layers()
-        manager_module = sys.modules.get(MANAGER_MODULE)
-        if manager_module is not None:
-            unwrap(manager_module.LoRAModelManager, "_create_lora_modules")
+        unwrap_loaded(MANAGER_MODULE, "LoRAModelManager", "_create_lora_modules")
         if any(name in sys.modules for name in RUNNER_MODULES):
             from .worker_manager import unpatch_model_runners
 

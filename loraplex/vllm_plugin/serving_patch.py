@@ -34,7 +34,7 @@ import os
 import weakref
 
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapterName, StorageError
-from ._hooks import unwrap, wrap
+from ._hooks import unwrap_loaded, wrap
 from .catalog_handle import CatalogHandle
 from .compat import VllmInternalError, internal_message
 from .identity import split_path
@@ -278,12 +278,7 @@ def patch_serving_models(module) -> None:
 
 
 def unpatch_serving_models() -> None:
-    import sys
-
-    module = sys.modules.get(MODULE)
-    if module is not None:
-        for attr in _WRAPS:
-            unwrap(module.OpenAIServingModels, attr)
+    unwrap_loaded(MODULE, "OpenAIServingModels", *_WRAPS)
 
 
 ERRORS_MODULE = "vllm.entrypoints.generate.base.serving"
@@ -311,11 +306,7 @@ def patch_generation_errors(module) -> None:
 
 
 def unpatch_generation_errors() -> None:
-    import sys
-
-    module = sys.modules.get(ERRORS_MODULE)
-    if module is not None:
-        unwrap(module.GenerateBaseServing, "_raise_if_error")
+    unwrap_loaded(ERRORS_MODULE, "GenerateBaseServing", "_raise_if_error")
 
 
 CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
@@ -334,8 +325,4 @@ def patch_request_checks(module) -> None:
 
 
 def unpatch_request_checks() -> None:
-    import sys
-
-    module = sys.modules.get(CHECK_MODULE)
-    if module is not None:
-        unwrap(module.BaseServing, "_check_model")
+    unwrap_loaded(CHECK_MODULE, "BaseServing", "_check_model")

@@ -395,12 +395,8 @@ def patch_model_runner(module) -> None:
 
 
 def unpatch_model_runners() -> None:
-    import sys
-
-    from ._hooks import unwrap
+    from ._hooks import unwrap_loaded
     from .plugin import RUNNER_MODULES
 
     for name in RUNNER_MODULES:
-        module = sys.modules.get(name)
-        if module is not None:
-            unwrap(module.GPUModelRunner, "execute_model")
+        unwrap_loaded(name, "GPUModelRunner", "execute_model")
