@@ -1,0 +1,162 @@
+"""The cheap weights check a catalog runs on every adapter version it lists: the safetensors header
+parsed and checked against the file's size and the adapter's config (tensor names, dtypes, ranks,
+targeted modules, A/B pairs), no tensor data read. `.bin` files: the zip directory only (see
+weights.bin_container_problem); their shapes live in the pickle, checked only by the full load.
+
+A verdict is None (passed), a reason (str: the adapter cannot be served), CHANGED (the files are no
+longer the listed version: the next refresh lists the new one) or UNCHECKED (nothing cheap to read:
+a remote adapter with no local copy and no ranged read allowed, or the store did not answer).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+
+from ..errors import AdapterChanged, InvalidAdapter, StorageError
+from .names import is_within
+from .weights import SafetensorsFile, bin_container_problem, header_length, layout, parse_header
+
+log = logging.getLogger("loraplex.catalog")
+
+CHANGED = type("Changed", (), {"__repr__": lambda self: "CHANGED"})()
+UNCHECKED = type("Unchecked", (), {"__repr__": lambda self: "UNCHECKED"})()
+FIRST_READ = 64 << 10  # a ranged read of this much holds the header of most adapters (~130 B a tensor)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def weights_tag(s: os.stat_result) -> str:
+    """The weight file's part of a local version string (store._item builds the same, inline)."""
+    return f"{s.st_ino:x}.{s.st_mtime_ns:x}.{s.st_size:x}"
+
+
+def check_file(name: str, spec, path: str, weight_format: str, *, version: str | None = None,
+               root_real: str | None = None):
+    """The verdict on the weight file at `path`. version: the listed local version; a file that is
+    not its weights (replaced since the listing) is CHANGED. root_real: a symlink there must resolve
+    inside it (it may have been swapped for one leading out since the scan checked it)."""
+    try:
+        if root_real is not None and _is_symlink(path) and not is_within(root_real, path):
+            return CHANGED  # the scan refused such a link; this is a swap after it
+        if weight_format == "safetensors":
+            with SafetensorsFile(name, path) as f:  # the header, checked against the file size
+                if version is not None and not version.startswith(weights_tag(f.stat) + "-"):
+                    return CHANGED
+                layout(name, spec, f.shapes)  # names, dtypes, ranks and targets against the config
+            return None
+        if weight_format == "bin":
+            with open(path, "rb") as f:
+                s = os.fstat(f.fileno())
+                if version is not None and not version.startswith(weights_tag(s) + "-"):
+                    return CHANGED
+                return bin_container_problem(f, s.st_size)
+        return f"unknown weight format {weight_format!r}"
+    except InvalidAdapter as e:
+        return e.reason
+    except OSError as e:
+        return f"{os.path.basename(path)} cannot be read: {e.strerror or e}"
+
+
+def _is_symlink(path: str) -> bool:
+    try:
+        return os.path.islink(path)
+    except OSError:
+        return False
+
+
+def check_items(store, pairs, *, network: bool) -> dict:
+    """{name: verdict} for [(StoredAdapter, AdapterSpec)] of one store. Remote stores read a local
+    copy if one is on disk, else (network=True, safetensors) the header by ranged reads."""
+    if not getattr(store, "remote", False):
+        return _check_local(store, pairs)
+    out, ranged = {}, []
+    for item, spec in pairs:
+        local = store.local_dir(item)
+        if store.current_version(item, local) == item.version:  # downloaded before: intact and immutable
+            out[item.name] = check_file(item.name, spec, os.path.join(local, posixpath.basename(item.weights_path)),
+                                        item.weight_format)
+        elif network and item.weight_format == "safetensors":
+            ranged.append((item, spec))
+        else:
+            out[item.name] = UNCHECKED
+    if ranged:
+        out.update(_check_ranged(store, ranged))
+    return out
+
+
+def _check_local(store, pairs) -> dict:
+    out = {}
+    root_real = getattr(store, "root_real", None)
+    for item, spec in pairs:
+        v = check_file(item.name, spec, item.weights_path, item.weight_format, version=item.version,
+                       root_real=root_real)
+        if type(v) is str:  # a failure, unless the files were replaced or removed under the check
+            try:
+                now = store.current_version(item, os.path.dirname(item.config_path))
+            except OSError:
+                now = None
+            if now != item.version:
+                v = CHANGED
+        out[item.name] = v
+    return out
+
+
+def _check_ranged(store, pairs) -> dict:
+    """Header verdicts from ranged reads: one read of the first FIRST_READ bytes of every file (a
+    concurrent batch), a second for headers longer than that. A failure is confirmed by a HEAD of
+    both files: an object replaced since the listing is CHANGED, not corrupt."""
+    out, more = {}, []
+    first = _ranges(store, [(it.weights_path, 0, min(it.size_bytes, FIRST_READ)) for it, _ in pairs])
+    for (item, spec), data in zip(pairs, first, strict=True):
+        if isinstance(data, BaseException):
+            out[item.name] = _read_error(item, data)
+            continue
+        try:
+            n = header_length(item.name, data, item.size_bytes)
+        except InvalidAdapter as e:
+            out[item.name] = e.reason
+            continue
+        if 8 + n <= len(data):
+            out[item.name] = _header_verdict(item, spec, data[8:8 + n])
+        else:
+            more.append((item, spec, data, n))
+    if more:
+        rest = _ranges(store, [(it.weights_path, len(d), 8 + n) for it, _, d, n in more])
+        for (item, spec, data, n), tail in zip(more, rest, strict=True):
+            out[item.name] = (_read_error(item, tail) if isinstance(tail, BaseException)
+                              else _header_verdict(item, spec, (data + tail)[8:8 + n]))
+    for item, _ in pairs:
+        if type(out[item.name]) is str:
+            try:
+                store.check_current(item)
+            except AdapterChanged:
+                out[item.name] = CHANGED
+            except StorageError:
+                out[item.name] = UNCHECKED
+    return out
+
+
+def _ranges(store, ranges) -> list:
+    try:
+        return store.fs.cat_ranges([p for p, _, _ in ranges], [s for _, s, _ in ranges], [e for _, _, e in ranges],
+                                   on_error="return")
+    except Exception as e:  # noqa: BLE001 - each backend raises its own types
+        return [e] * len(ranges)
+
+
+def _header_verdict(item, spec, raw: bytes):
+    try:
+        shapes, _ = parse_header(item.name, raw, item.size_bytes)  # offsets against the listed size
+        layout(item.name, spec, shapes)
+    except InvalidAdapter as e:
+        return e.reason
+    return None
+
+
+def _read_error(item, e: BaseException):
+    if isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == errno.ENOENT:
+        return CHANGED  # deleted since the listing
+    log.info("weights check of LoRA adapter '%s' skipped (its header could not be read: %s)", item.name, e)
+    return UNCHECKED
