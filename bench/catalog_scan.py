@@ -122,7 +122,7 @@ def timed(fn, cpu_key: str | None = None):
 
 
 def list_catalog(root: str, key: str):
-    peft_mod._PARSED.clear()  # what a fresh process pays: no config parsed yet
+    peft_mod.clear_caches()  # what a fresh process pays: no config parsed yet
     gc.collect()
     return timed(lambda: Catalog(root), key)
 

@@ -14,17 +14,19 @@ import errno
 import logging
 import os
 import posixpath
+import stat
 
 from ..errors import AdapterChanged, InvalidAdapter, StorageError
 from .names import is_within
-from .weights import SafetensorsFile, bin_container_problem, header_length, layout, parse_header
+from .weights import bin_container_problem, header_length, layout, parse_header
 
 log = logging.getLogger("loraplex.catalog")
 
 CHANGED = type("Changed", (), {"__repr__": lambda self: "CHANGED"})()
 UNCHECKED = type("Unchecked", (), {"__repr__": lambda self: "UNCHECKED"})()
 FIRST_READ = 64 << 10  # a ranged read of this much holds the header of most adapters (~130 B a tensor)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NONBLOCK: a weight file swapped for a FIFO after the scan must not hang the check.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def weights_tag(s: os.stat_result) -> str:
@@ -40,23 +42,67 @@ def check_file(name: str, spec, path: str, weight_format: str, *, version: str |
     try:
         if root_real is not None and _is_symlink(path) and not is_within(root_real, path):
             return CHANGED  # the scan refused such a link; this is a swap after it
-        if weight_format == "safetensors":
-            with SafetensorsFile(name, path) as f:  # the header, checked against the file size
-                if version is not None and not version.startswith(weights_tag(f.stat) + "-"):
-                    return CHANGED
-                layout(name, spec, f.shapes)  # names, dtypes, ranks and targets against the config
-            return None
-        if weight_format == "bin":
-            with open(path, "rb") as f:
-                s = os.fstat(f.fileno())
-                if version is not None and not version.startswith(weights_tag(s) + "-"):
-                    return CHANGED
-                return bin_container_problem(f, s.st_size)
-        return f"unknown weight format {weight_format!r}"
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            s = os.fstat(fd)  # of the file read, whatever the path names by now
+            if version is not None and not version.startswith(weights_tag(s) + "-"):
+                return CHANGED
+            if not stat.S_ISREG(s.st_mode):
+                return f"{os.path.basename(path)} is not a regular file"
+            if weight_format == "safetensors":
+                first = _pread(fd, min(8, s.st_size), 0)
+                n = header_length(name, first, s.st_size)
+                return header_verdict(name, spec, _pread(fd, n, 8), s.st_size)
+            if weight_format == "bin":
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    return bin_container_problem(f, s.st_size)
+            return f"unknown weight format {weight_format!r}"
+        finally:
+            os.close(fd)
     except InvalidAdapter as e:
         return e.reason
     except OSError as e:
         return f"{os.path.basename(path)} cannot be read: {e.strerror or e}"
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            raise InvalidAdapter("", f"adapter_model.safetensors is corrupt: file ends at byte {offset + got}, "
+                                     f"expected {offset + n} (truncated under the read?)")
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+# Verdicts by header bytes, file size and spec: adapters trained with one recipe have byte-identical
+# headers (names, shapes, offsets; no data) and share one spec (see peft.parse_config_bytes), so a
+# catalog checks each recipe once. Reasons never name the adapter. Bounded: cleared when full.
+_VERDICTS: dict[tuple[bytes, int, int], tuple[object, str | None]] = {}
+_VERDICTS_MAX_ENTRIES = 4096
+_VERDICTS_MAX_HEADER = 64 << 10
+
+
+def header_verdict(name: str, spec, raw: bytes, file_size: int) -> str | None:
+    """None if a safetensors header (the JSON bytes after the length) fits the file size and the
+    config, else the reason."""
+    key = (raw, file_size, id(spec))
+    hit = _VERDICTS.get(key)
+    if hit is not None and hit[0] is spec:  # `is`: the id of a dead spec may be reused
+        return hit[1]
+    try:
+        shapes, _ = parse_header(name, raw, file_size)
+        layout(name, spec, shapes)  # names, dtypes, ranks and targets against the config
+        verdict = None
+    except InvalidAdapter as e:
+        verdict = e.reason
+    if len(raw) <= _VERDICTS_MAX_HEADER:
+        if len(_VERDICTS) >= _VERDICTS_MAX_ENTRIES:
+            _VERDICTS.clear()
+        _VERDICTS[key] = (spec, verdict)
+    return verdict
 
 
 def _is_symlink(path: str) -> bool:
@@ -119,14 +165,14 @@ def _check_ranged(store, pairs) -> dict:
             out[item.name] = e.reason
             continue
         if 8 + n <= len(data):
-            out[item.name] = _header_verdict(item, spec, data[8:8 + n])
+            out[item.name] = header_verdict(item.name, spec, data[8:8 + n], item.size_bytes)
         else:
             more.append((item, spec, data, n))
     if more:
         rest = _ranges(store, [(it.weights_path, len(d), 8 + n) for it, _, d, n in more])
         for (item, spec, data, n), tail in zip(more, rest, strict=True):
             out[item.name] = (_read_error(item, tail) if isinstance(tail, BaseException)
-                              else _header_verdict(item, spec, (data + tail)[8:8 + n]))
+                              else header_verdict(item.name, spec, (data + tail)[8:8 + n], item.size_bytes))
     for item, _ in pairs:
         if type(out[item.name]) is str:
             try:
@@ -144,15 +190,6 @@ def _ranges(store, ranges) -> list:
                                    on_error="return")
     except Exception as e:  # noqa: BLE001 - each backend raises its own types
         return [e] * len(ranges)
-
-
-def _header_verdict(item, spec, raw: bytes):
-    try:
-        shapes, _ = parse_header(item.name, raw, item.size_bytes)  # offsets against the listed size
-        layout(item.name, spec, shapes)
-    except InvalidAdapter as e:
-        return e.reason
-    return None
 
 
 def _read_error(item, e: BaseException):
