@@ -43,12 +43,14 @@ class Catalog(CatalogBase):
     - A later refresh that finds more than `sync_checks` new or changed adapters (a mass publish)
       holds them out of the listing until the background has checked them; get() checks one on
       demand. So an adapter published after the first listing is never listed if it fails.
-    - get(name) of an adapter not checked yet checks it first: get() never returns an entry that
-      failed the check.
+    - get(name) of an adapter still awaiting its check checks it first: get() never returns an
+      entry that failed the check.
     - Remote stores: a check reads the local copy when one is on disk, else the header by ranged
-      reads; the background check of a first listing does no ranged reads (that would be one request
-      per adapter), so adapters without a local copy stay unchecked() (listed) until get() or a
-      download checks them. `.bin` adapters on a remote store are checked once downloaded.
+      reads (a GET of its first 64 KiB, a second for a longer header). The background check of a
+      first listing does no ranged reads (one request per adapter, for every restart): adapters with
+      no local copy are listed as unchecked() until their first download checks them (a failure
+      then drops them like a background failure). `.bin` adapters on a remote store, and any whose
+      header read failed (storage unreachable), are listed unchecked() the same way.
     """
 
     catalog_type = "storage"
