@@ -28,6 +28,10 @@ class NameQueue:
 
     def put(self, names) -> None:
         with self._cond:
+            if not self._queued:  # the usual case, in bulk: a first listing queues every adapter
+                names = list(dict.fromkeys(names))
+                self._queued.update(names)
+                self._queue.extend(names)
             for n in names:
                 if n not in self._queued:
                     self._queued.add(n)

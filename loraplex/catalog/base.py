@@ -60,27 +60,33 @@ class CatalogBase:
     _held(name) -> (store, item) for the version they listed (None if none)."""
 
     root: str
-    _hidden: frozenset | set = frozenset()  # entries held out of the listing until their weights check
 
     # ---- lookup ---------------------------------------------------------------------------------
+    @property
+    def _listing(self) -> tuple[dict, frozenset]:
+        """(entries, names held out of the listing) as one consistent pair."""
+        return self._entries, frozenset()
+
     def __len__(self):
-        return len(self._entries) - len(self._hidden)
+        entries, hidden = self._listing
+        return len(entries) - len(hidden)
 
     def __contains__(self, name):
-        return name in self._entries and name not in self._hidden
+        entries, hidden = self._listing
+        return name in entries and name not in hidden
 
     def __iter__(self):
         return iter(self.names())
 
     def names(self) -> list[str]:
         """The listed adapters, sorted: valid configs whose weights passed (or await) the check."""
-        hidden = self._hidden
+        entries, hidden = self._listing
         if hidden:
-            return sorted(n for n in self._entries if n not in hidden)
-        return sorted(self._entries)
+            return sorted(n for n in entries if n not in hidden)
+        return sorted(entries)
 
     def entries(self) -> list[AdapterEntry]:
-        entries, hidden = self._entries, self._hidden  # one table, even if a refresh replaces it
+        entries, hidden = self._listing
         return [entries[n] for n in sorted(entries) if n not in hidden]
 
     def invalid(self) -> dict[str, str]:

@@ -79,6 +79,7 @@ class Catalog(CatalogBase):
         self.sync_checks = sync_checks
         self._pending: dict[str, bool] = {}  # name -> listed?, for entries awaiting their check
         self._hidden: set[str] = set()  # the pending names held out of the listing
+        self._view: tuple[dict, frozenset] = (self._entries, frozenset())  # what listings read, in one
         self._unchecked: set[str] = set()  # listed, no check possible yet (remote, no local copy)
         self._listed_once = False
         self._checks = NameQueue(self._check_batch)
@@ -165,10 +166,13 @@ class Catalog(CatalogBase):
                     kept.update({n: replace(kept[n], id=by_name[n]) for n in moved})
             # Check states carry over for the unchanged entries only.
             pending = {n: v for n, v in self._pending.items() if n in kept}
+            hidden = {n for n in self._hidden if n in kept}
             unchecked = {n for n in self._unchecked if n in kept} | fresh_unchecked
             if deferred:  # listed at once in a first listing; held out of it afterwards
                 listed = not self._listed_once
-                pending.update((it.name, listed) for it, _ in fresh)
+                pending.update(dict.fromkeys(fresh_names, listed))
+                if not listed:
+                    hidden.update(fresh_names)
             entries = kept
             local_dir = self._store.local_dir
             for item, spec in fresh:
@@ -176,16 +180,19 @@ class Catalog(CatalogBase):
                                                   spec, item.weight_format, item.size_bytes)
             # Items of invalid configs are kept too, so an unchanged bad config is not re-read each time.
             self._items = items
+            # Lock-free get() reads _entries, then _pending: a new entry must be pending before it is
+            # there. Listings read _view, the entries and the held-out names in one.
+            self._pending = pending
             self._entries = entries
+            self._hidden = hidden
+            self._view = (entries, frozenset(hidden))
             if added or removed or renumbered:  # lock-free readers see the old or the new table, whole
                 self._by_id = dict(self._ids.by_id)
             self._invalid = invalid
-            self._pending = pending
-            self._hidden = {n for n, listed in pending.items() if not listed}
             self._unchecked = unchecked
             self._listed_once = True
             if deferred:
-                self._checks.put(sorted(fresh_names))
+                self._checks.put(fresh_names)
             return CatalogDiff(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
 
     # ---- the weights check ----------------------------------------------------------------------
@@ -231,16 +238,22 @@ class Catalog(CatalogBase):
                 v = verdicts.get(n, UNCHECKED)
                 if v is CHANGED:
                     continue  # still pending: the next refresh lists what storage holds now
+                if type(v) is str:
+                    failed[n] = v
+                    continue
                 self._pending.pop(n, None)  # in place: lock-free readers only test membership
                 self._hidden.discard(n)
                 if v is UNCHECKED:
                     self._unchecked.add(n)
                 else:
                     self._unchecked.discard(n)
-                    if type(v) is str:
-                        failed[n] = v
             if failed:
-                self._drop_failed(failed)
+                self._drop_failed(failed)  # out of the entries before they stop being pending
+                for n in failed:
+                    self._pending.pop(n, None)
+                self._hidden.difference_update(failed)
+                self._unchecked.difference_update(failed)
+            self._view = (self._entries, frozenset(self._hidden))
         if failed:
             self._notify(CatalogDiff(removed=tuple(sorted(failed))))
 
@@ -270,6 +283,10 @@ class Catalog(CatalogBase):
         return super().get(name)
 
     __getitem__ = get
+
+    @property
+    def _listing(self) -> tuple[dict, frozenset]:
+        return self._view
 
     def wait_checks(self, timeout: float | None = None) -> bool:
         """Block until the background weights checks queued so far are done; False after `timeout` s."""

@@ -167,8 +167,8 @@ def parse_config_bytes(name: str, raw: bytes) -> AdapterSpec:
                 hit = e.reason
             if key is not None:
                 _remember(_BY_CONTENT, key, hit)
-        if len(raw) <= _PARSED_MAX_BYTES:
-            _remember(_PARSED, raw, hit)
+            if len(raw) <= _PARSED_MAX_BYTES:  # not on a content hit: distinct bytes would only churn it
+                _remember(_PARSED, raw, hit)
     if type(hit) is str:
         raise InvalidAdapter(name, hit)
     return hit
