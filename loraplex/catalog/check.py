@@ -11,6 +11,7 @@ a remote adapter with no local copy and no ranged read allowed, or the store did
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -27,6 +28,8 @@ UNCHECKED = type("Unchecked", (), {"__repr__": lambda self: "UNCHECKED"})()
 FIRST_READ = 64 << 10  # a ranged read of this much holds the header of most adapters (~130 B a tensor)
 # O_NONBLOCK: a weight file swapped for a FIFO after the scan must not hang the check.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_SYMLINK_ERRNOS = (errno.ELOOP, errno.EMLINK)  # open(O_NOFOLLOW) of a symlink: Linux, BSD
 
 
 def weights_tag(s: os.stat_result) -> str:
@@ -40,9 +43,14 @@ def check_file(name: str, spec, path: str, weight_format: str, *, version: str |
     not its weights (replaced since the listing) is CHANGED. root_real: a symlink there must resolve
     inside it (it may have been swapped for one leading out since the scan checked it)."""
     try:
-        if root_real is not None and _is_symlink(path) and not is_within(root_real, path):
-            return CHANGED  # the scan refused such a link; this is a swap after it
-        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            fd = os.open(path, _OPEN_FLAGS | (_NOFOLLOW if root_real is not None else 0))
+        except OSError as e:
+            if e.errno not in _SYMLINK_ERRNOS:
+                raise
+            if not is_within(root_real, path):
+                return CHANGED  # the scan refused such a link: this is a swap after it
+            fd = os.open(path, _OPEN_FLAGS)  # a symlink inside the root
         try:
             s = os.fstat(fd)  # of the file read, whatever the path names by now
             if version is not None and not version.startswith(weights_tag(s) + "-"):
@@ -79,16 +87,17 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 # Verdicts by header bytes, file size and spec: adapters trained with one recipe have byte-identical
 # headers (names, shapes, offsets; no data) and share one spec (see peft.parse_config_bytes), so a
-# catalog checks each recipe once. Reasons never name the adapter. Bounded: cleared when full.
+# catalog checks each recipe once. Reasons never name the adapter. Headers are keyed by a 128-bit
+# blake2b digest (a real adapter's header is ~60 KB: the bytes themselves would make this cache
+# hundreds of MB); bounded, cleared when full.
 _VERDICTS: dict[tuple[bytes, int, int], tuple[object, str | None]] = {}
 _VERDICTS_MAX_ENTRIES = 4096
-_VERDICTS_MAX_HEADER = 64 << 10
 
 
 def header_verdict(name: str, spec, raw: bytes, file_size: int) -> str | None:
     """None if a safetensors header (the JSON bytes after the length) fits the file size and the
     config, else the reason."""
-    key = (raw, file_size, id(spec))
+    key = (hashlib.blake2b(raw, digest_size=16).digest(), file_size, id(spec))
     hit = _VERDICTS.get(key)
     if hit is not None and hit[0] is spec:  # `is`: the id of a dead spec may be reused
         return hit[1]
@@ -98,18 +107,10 @@ def header_verdict(name: str, spec, raw: bytes, file_size: int) -> str | None:
         verdict = None
     except InvalidAdapter as e:
         verdict = e.reason
-    if len(raw) <= _VERDICTS_MAX_HEADER:
-        if len(_VERDICTS) >= _VERDICTS_MAX_ENTRIES:
-            _VERDICTS.clear()
-        _VERDICTS[key] = (spec, verdict)
+    if len(_VERDICTS) >= _VERDICTS_MAX_ENTRIES:
+        _VERDICTS.clear()
+    _VERDICTS[key] = (spec, verdict)
     return verdict
-
-
-def _is_symlink(path: str) -> bool:
-    try:
-        return os.path.islink(path)
-    except OSError:
-        return False
 
 
 def check_items(store, pairs, *, network: bool) -> dict:

@@ -268,3 +268,23 @@ def test_memory_catalog_checks_at_register_and_refresh(tmp_path, staged):
     shutil.copytree(staged / "wrong-rank", d)
     assert mem.refresh() == CatalogDiff(removed=("a",))
     assert mem.invalid() == {"a": BAD["wrong-rank"][1]} and mem.names() == []
+
+
+def test_weights_swapped_for_an_escaping_symlink_between_scan_and_check(tmp_path, staged):
+    # The scan saw a regular file; before the check reads it, it becomes a symlink out of the root.
+    # The check must not open the outside file: it reports a change (the next refresh refuses it).
+    from loraplex.catalog.check import CHANGED, check_items
+
+    from .helpers import inotify_opens
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    publish(staged / "good", root.mkdir() or root, "a")
+    shutil.copytree(staged / "good", outside)
+    cat = Catalog(root)
+    store, item, spec = cat._store, cat._items["a"], cat.get("a").spec
+    os.remove(root / "a" / WEIGHTS)
+    os.symlink(outside / WEIGHTS, root / "a" / WEIGHTS)
+    with inotify_opens(outside) as kernel:
+        assert check_items(store, [(item, spec)], network=False) == {"a": CHANGED}
+    assert kernel == []
+    assert cat.refresh(["a"]).removed == ("a",) and "leaves the catalog root" in cat.invalid()["a"]
