@@ -28,10 +28,10 @@ class NameQueue:
 
     def put(self, names) -> None:
         with self._cond:
-            if not self._queued:  # the usual case, in bulk: a first listing queues every adapter
-                names = list(dict.fromkeys(names))
+            if not self._queued and isinstance(names, (set, frozenset)):  # in bulk: a first listing queues all
                 self._queued.update(names)
                 self._queue.extend(names)
+                names = ()
             for n in names:
                 if n not in self._queued:
                     self._queued.add(n)

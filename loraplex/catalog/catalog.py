@@ -170,7 +170,10 @@ class Catalog(CatalogBase):
             unchecked = {n for n in self._unchecked if n in kept} | fresh_unchecked
             if deferred:  # listed at once in a first listing; held out of it afterwards
                 listed = not self._listed_once
-                pending.update(dict.fromkeys(fresh_names, listed))
+                if pending:
+                    pending.update(dict.fromkeys(fresh_names, listed))
+                else:
+                    pending = dict.fromkeys(fresh_names, listed)
                 if not listed:
                     hidden.update(fresh_names)
             entries = kept
