@@ -87,7 +87,8 @@ class Catalog(CatalogBase):
 
     # ---- keeping current ------------------------------------------------------------------------
     def refresh(self, names=None) -> CatalogDiff:
-        """Re-list storage; re-read only the configs of adapters whose version changed.
+        """Re-list storage; re-read only the configs of adapters whose version changed, and run the
+        weights check on them (before this returns if at most sync_checks; see the class doc).
 
         names: only these adapter directories may have changed (what filesystem events reported):
         stat just them, so the cost follows the change, not the catalog's size. Stores that cannot
