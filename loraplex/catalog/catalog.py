@@ -78,6 +78,7 @@ class Catalog(CatalogBase):
         # Weights-check state, changed under the lock; lock-free readers only test membership.
         self.sync_checks = sync_checks
         self._pending: dict[str, bool] = {}  # name -> listed?, for entries awaiting their check
+        self._pending_size = 0  # len(_pending) when it was last built
         self._hidden: set[str] = set()  # the pending names held out of the listing
         self._view: tuple[dict, frozenset] = (self._entries, frozenset())  # what listings read, in one
         self._unchecked: set[str] = set()  # listed, no check possible yet (remote, no local copy)
@@ -187,6 +188,7 @@ class Catalog(CatalogBase):
             # Lock-free get() reads _entries, then _pending: a new entry must be pending before it is
             # there. Listings read _view, the entries and the held-out names in one.
             self._pending = pending
+            self._pending_size = len(pending)
             self._entries = entries
             self._hidden = hidden
             self._view = (entries, frozenset(hidden))
@@ -258,6 +260,11 @@ class Catalog(CatalogBase):
                 self._hidden.difference_update(failed)
                 self._unchecked.difference_update(failed)
             self._view = (self._entries, frozenset(self._hidden))
+            if len(self._pending) * 4 < self._pending_size:
+                # A dict keeps its table as it empties: once a first listing's checks are done, every
+                # get() would probe 100k deleted slots for a name that is not there (about 2x slower).
+                self._pending = dict(self._pending)
+                self._pending_size = len(self._pending)
         if failed:
             self._notify(CatalogDiff(removed=tuple(sorted(failed))))
 
