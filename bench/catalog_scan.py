@@ -347,7 +347,10 @@ def plot(res: dict, path: Path, env: dict) -> None:
     _bars(ax1, bars, "seconds")
     ax1.axhline(2.0, color="red", lw=0.8, ls="--", label="target: list in 2 s")
     ax1.legend(fontsize=8)
-    ax1.set_title(f"{res['n']:,} adapters, {res['recipes']} recipes ({res['root_fs']})", fontsize=10)
+    load = res.get("load_avg", {})
+    ax1.set_title(f"{res['n']:,} adapters, {res['recipes']} recipes ({res['root_fs']})"
+                  + (f"; 1-min load {min(load.values()):.1f}-{max(load.values()):.1f} on {res['env']['cpu_count']} CPUs"
+                     if load else ""), fontsize=10)
     _bars(ax2, [(n, res[n + "_ns"]) for n in ("get", "get_adapter_id", "get_adapter_name")], "ns per call")
     ax2.set_title(f"lookups; catalog RSS {res['rss_catalog_bytes'] / 2**20:.0f} MiB", fontsize=10)
     fig.suptitle(env["command"], fontsize=7)
