@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -19,6 +20,20 @@ from .peft import parse_config_bytes
 from .store import LocalStore, StoredAdapter
 
 log = logging.getLogger("loraplex.catalog")
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every Catalog of this process
+
+
+def _after_fork_in_child() -> None:
+    # The background checks may hold a catalog's lock at the fork; in the child that thread does
+    # not exist and the lock would stay held forever. Only the forking thread runs there now.
+    for cat in list(_LIVE):
+        cat._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _is_url(root) -> bool:
@@ -83,7 +98,8 @@ class Catalog(CatalogBase):
         self._view: tuple[dict, frozenset] = (self._entries, frozenset())  # what listings read, in one
         self._unchecked: set[str] = set()  # listed, no check possible yet (remote, no local copy)
         self._listed_once = False
-        self._checks = NameQueue(self._check_batch)
+        self._checks = NameQueue(self._check_batch)  # restarts itself in a forked child
+        _LIVE.add(self)
         self.refresh()
 
     # ---- keeping current ------------------------------------------------------------------------

@@ -288,3 +288,31 @@ def test_weights_swapped_for_an_escaping_symlink_between_scan_and_check(tmp_path
         assert check_items(store, [(item, spec)], network=False) == {"a": CHANGED}
     assert kernel == []
     assert cat.refresh(["a"]).removed == ("a",) and "leaves the catalog root" in cat.invalid()["a"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_checks_finish_in_a_forked_child(tmp_path, staged):
+    # A process that forks while its catalog checks in the background (vLLM starts its processes so):
+    # the child has no checking thread, and the catalog lock may be held at the fork. The child
+    # must still finish the checks, the batch in flight at the fork included.
+    root = tmp_path / "root"
+    shutil.copytree(staged, root)
+    for i in range(100):
+        shutil.copytree(staged / "good", root / f"g{i:03d}")
+    cat = Catalog(root, sync_checks=0)
+    cat._lock.acquire()  # the checking thread takes its first batch, then waits for the lock
+    try:
+        assert wait_for(lambda: cat._checks._busy, timeout=10)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            code = 1
+            try:
+                done = cat.wait_checks(timeout=60)
+                code = 0 if done and set(cat.invalid()) == set(BAD) and len(cat) == 101 else 3
+            finally:
+                os._exit(code)
+    finally:
+        cat._lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cat.wait_checks(timeout=60) and set(cat.invalid()) == set(BAD) and len(cat) == 101
