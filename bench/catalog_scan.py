@@ -9,12 +9,17 @@ from `--recipes` training recipes (rank, alpha, targets): adapters trained with 
 byte-identical adapter_config.json, as PEFT writes it. A final phase makes every config distinct
 (the worst case for parsing) and lists again.
 
-Measured (page cache warm, the config parse cache cleared before every listing, so each listing
-costs what a fresh process pays): listing = Catalog(root); refresh() with nothing changed; refresh()
-with `--changed` of the adapters changed (half rewrite their config, half replace their weights),
-checked to report exactly those; refresh(names) for such a change (what Catalog.watch does on
-filesystem events); get / get_adapter_id / get_adapter_name per call; the resident memory a catalog
-adds to a fresh process. Wall and CPU seconds: on a shared machine the wall time includes waiting.
+Measured (page cache warm, the config parse caches cleared before every listing, so each listing
+costs what a fresh process pays): listing = Catalog(root), which returns once every adapter is listed;
+the background weights checks of that first listing (header of every weight file against its size
+and config), timed from the listing's return until wait_checks() returns; refresh() with nothing
+changed; refresh() with `--changed` of the adapters changed (half rewrite their config, half replace
+their weights), checked to report exactly those (more than the catalog's sync_checks, so their
+weights are checked in the background: the time until wait_checks() returns is reported too);
+refresh(names) for such a change (what Catalog.watch does on filesystem events); get /
+get_adapter_id / get_adapter_name per call; the resident memory a catalog adds to a fresh process.
+Every measurement starts after the previous one's background checks are done. Wall and CPU seconds:
+on a shared machine the wall time includes waiting; `uptime`'s load is recorded with each phase.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import env_info, out_dir, percentiles, print_table, pyplot, save_png, write_json  # noqa: E402
 from loraplex.catalog import Catalog  # noqa: E402
+from loraplex.catalog import check as check_mod  # noqa: E402
 from loraplex.catalog import peft as peft_mod  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
@@ -122,9 +128,19 @@ def timed(fn, cpu_key: str | None = None):
 
 
 def list_catalog(root: str, key: str):
-    peft_mod._PARSED.clear()  # what a fresh process pays: no config parsed yet
+    """(listing s, catalog, background checks s): the checks are waited for, so that the next
+    measurement does not share the CPU with them."""
+    peft_mod.clear_caches()  # what a fresh process pays: no config parsed yet
+    check_mod._VERDICTS.clear()
     gc.collect()
-    return timed(lambda: Catalog(root), key)
+    t, cat = timed(lambda: Catalog(root), key)
+    t_checks, done = timed(lambda: cat.wait_checks(600), key + "_checks")
+    assert done
+    return t, cat, t_checks
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
 
 
 _CHILD = """
@@ -200,17 +216,22 @@ def main(argv=None):
         res["generate_s"] = t
         print(f"generated {args.n} adapters in {t:.1f} s under {root}")
 
-        list_s, cat = [], None
+        list_s, checks_s, cat = [], [], None
+        res["load_avg"] = {"list": load_avg()}
         for _ in range(args.repeat):
             del cat
             cat = None
-            t, cat = list_catalog(root, "list")
+            t, cat, tc = list_catalog(root, "list")
             list_s.append(t)
-        assert len(cat) == args.n and not cat.invalid(), (len(cat), list(cat.invalid().items())[:3])
+            checks_s.append(tc)
+        assert len(cat) == args.n and not cat.invalid() and not cat.unchecked(), \
+            (len(cat), list(cat.invalid().items())[:3])
         res["list_s"] = percentiles(list_s)
+        res["list_checks_s"] = percentiles(checks_s)
         res["rss_bytes"] = rss_bytes()
         res["rss_catalog_bytes"] = catalog_rss(root)
 
+        res["load_avg"]["refresh"] = load_avg()
         res["refresh_unchanged_s"] = percentiles(
             [_refresh_checked(cat, set(), "refresh_unchanged") for _ in range(args.repeat)])
         k = max(1, int(args.n * args.changed))
@@ -226,6 +247,7 @@ def main(argv=None):
         res["refresh_changed_s"] = percentiles(changed_runs)
         res["refresh_named_changed_s"] = percentiles(named_runs)
         res["refresh_changed_count"] = k
+        res["refresh_checks_s"] = {key: percentiles(v) for key, v in CHECKS_S.items()}
 
         names = cat.names()
         sample = [names[rng.randrange(len(names))] for _ in range(100_000)]
@@ -242,12 +264,17 @@ def main(argv=None):
                 data = f.read()
             write_file(path, data.replace(b'"revision": null', b'"revision": "r%d"' % i))
         del cat
-        distinct = []
+        distinct, distinct_checks = [], []
+        res["load_avg"]["list_distinct_configs"] = load_avg()
         for _ in range(args.repeat):
-            t, cat = list_catalog(root, "list_distinct_configs")
+            t, cat, tc = list_catalog(root, "list_distinct_configs")
             distinct.append(t)
+            distinct_checks.append(tc)
+            assert len(cat) == args.n and not cat.invalid()
             del cat
         res["list_distinct_configs_s"] = percentiles(distinct)
+        res["list_distinct_configs_checks_s"] = percentiles(distinct_checks)
+        res["load_avg"]["end"] = load_avg()
         res["cpu_s"] = {key: percentiles(v) for key, v in CPU_S.items()}
     finally:
         if not args.keep and not args.dir:
@@ -256,7 +283,10 @@ def main(argv=None):
     cpu = res["cpu_s"]
     rows = [
         ["list (Catalog(root))", *_mpp(res["list_s"]), cpu["list"]["median"]],
+        ["  then weights checks (background)", *_mpp(res["list_checks_s"]), cpu["list_checks"]["median"]],
         ["list, every config distinct", *_mpp(res["list_distinct_configs_s"]), cpu["list_distinct_configs"]["median"]],
+        ["  then weights checks (background)", *_mpp(res["list_distinct_configs_checks_s"]),
+         cpu["list_distinct_configs_checks"]["median"]],
         ["refresh(), nothing changed", *_mpp(res["refresh_unchanged_s"]), cpu["refresh_unchanged"]["median"]],
         [f"refresh(), {k} changed", *_mpp(res["refresh_changed_s"]), cpu["refresh_changed"]["median"]],
         [f"refresh(names), {k} changed", *_mpp(res["refresh_named_changed_s"]), cpu["refresh_named"]["median"]],
@@ -264,6 +294,7 @@ def main(argv=None):
     print_table([f"{args.n} adapters: wall s", "median", "p20", "p80", "CPU s"], rows)
     print_table(["lookup: ns per call", "median", "p20", "p80"],
                 [[k, *_mpp(res[k + "_ns"])] for k in ("get", "get_adapter_id", "get_adapter_name")])
+    print("load average (1 min) at each phase: " + ", ".join(f"{k} {v:.2f}" for k, v in res["load_avg"].items()))
     print(f"resident memory: {res['rss_catalog_bytes'] / 2**20:.0f} MiB for the catalog in a fresh process "
           f"({res['rss_catalog_bytes'] / args.n:.0f} B per adapter); this process: {res['rss_bytes'] / 2**20:.0f} MiB")
     out = out_dir()
@@ -280,7 +311,13 @@ def _mpp(p):
 def _refresh_checked(cat, changed: set, key: str, names=None) -> float:
     t, diff = timed(lambda: cat.refresh(names), key)
     assert set(diff.changed) == changed and not diff.added and not diff.removed, diff
+    tc, done = timed(lambda: cat.wait_checks(600), key + "_checks")
+    assert done and len(cat) == len(cat.names()) and not cat.invalid()
+    CHECKS_S.setdefault(key, []).append(tc)
     return t
+
+
+CHECKS_S: dict[str, list[float]] = {}  # background weights checks after a refresh, until wait_checks()
 
 
 def _fs_type(path: str) -> str | None:
@@ -301,14 +338,19 @@ def plot(res: dict, path: Path, env: dict) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3, 2]})
     k = res["refresh_changed_count"]
-    bars = [("list", res["list_s"]), ("list\n(distinct cfgs)", res["list_distinct_configs_s"]),
+    bars = [("list", res["list_s"]), ("then checks\n(background)", res["list_checks_s"]),
+            ("list\n(distinct cfgs)", res["list_distinct_configs_s"]),
+            ("then checks\n(background)", res["list_distinct_configs_checks_s"]),
             ("refresh()\n(none changed)", res["refresh_unchanged_s"]),
             (f"refresh()\n({k} changed)", res["refresh_changed_s"]),
             (f"refresh(names)\n({k} changed)", res["refresh_named_changed_s"])]
     _bars(ax1, bars, "seconds")
     ax1.axhline(2.0, color="red", lw=0.8, ls="--", label="target: list in 2 s")
     ax1.legend(fontsize=8)
-    ax1.set_title(f"{res['n']:,} adapters, {res['recipes']} recipes ({res['root_fs']})", fontsize=10)
+    load = res.get("load_avg", {})
+    ax1.set_title(f"{res['n']:,} adapters, {res['recipes']} recipes ({res['root_fs']})"
+                  + (f"; 1-min load {min(load.values()):.1f}-{max(load.values()):.1f} on {res['env']['cpu_count']} CPUs"
+                     if load else ""), fontsize=10)
     _bars(ax2, [(n, res[n + "_ns"]) for n in ("get", "get_adapter_id", "get_adapter_name")], "ns per call")
     ax2.set_title(f"lookups; catalog RSS {res['rss_catalog_bytes'] / 2**20:.0f} MiB", fontsize=10)
     fig.suptitle(env["command"], fontsize=7)

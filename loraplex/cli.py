@@ -1,8 +1,9 @@
 """Command line: `loraplex catalog ls|validate ROOT`, `loraplex demo [...]` (loraplex.demo) and
 `loraplex serve MODEL --lora-catalog-type storage --lora-catalog-path PATH [vLLM args]`.
 
-`catalog ls` reads only adapter_config.json files (torch is not imported); `catalog validate` also
-reads every adapter's weights, unless --quick.
+`catalog ls` reads adapter_config.json files and the header of each weight file (the catalog's cheap
+weights check; torch is not imported); `catalog validate` also reads every adapter's weights, unless
+--quick.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import sys
 EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
 
-def _open(args):
+def _open(args, **kwargs):
     """The catalog at args.root, or None after printing why it cannot be used."""
     from .catalog import Catalog
     from .errors import CatalogError
 
     try:
-        return Catalog(args.root, cache_dir=getattr(args, "cache_dir", None))
+        return Catalog(args.root, cache_dir=getattr(args, "cache_dir", None), **kwargs)
     except CatalogError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -65,29 +66,32 @@ def cmd_ls(args) -> int:
     cat = _open(args)
     if cat is None:
         return EXIT_UNUSABLE
-    entries = cat.entries()
+    cat.wait_checks()  # list what a server would list once its weights checks are done
+    entries, unchecked = cat.entries(), cat.unchecked()
     if args.json:
         out = [{"name": e.name, "id": e.id, "rank": e.r, "max_rank": e.max_rank, "lora_alpha": e.lora_alpha,
                 "scaling": e.scaling, "use_rslora": e.use_rslora, "target_modules": e.target_modules,
                 "rank_pattern": dict(e.rank_pattern), "alpha_pattern": dict(e.alpha_pattern),
                 "base_model_name_or_path": e.base_model_name_or_path, "weight_format": e.weight_format,
                 "size_bytes": e.size_bytes, "version": e.version, "path": e.path} for e in entries]
-        json.dump({"root": cat.root, "adapters": out, "invalid": cat.invalid()}, sys.stdout, indent=2)
+        json.dump({"root": cat.root, "adapters": out, "invalid": cat.invalid(), "unchecked": unchecked}, sys.stdout,
+                  indent=2)
         print()
         return EXIT_OK
     rows = [[e.name, str(e.id), str(e.r) if e.max_rank == e.r else f"{e.r} (max {e.max_rank})", _alpha(e.lora_alpha),
              _targets(e.spec), _size(e.size_bytes), _short_version(e.version)] for e in entries]
     print(table(["name", "id", "rank", "alpha", "targets", "size", "version"], rows, right={1, 2, 3, 5}))
     bad = len(cat.invalid())
-    print(f"\n{len(entries)} adapters in {cat.root}" + (f"; {bad} invalid (see `loraplex catalog validate`)"
-                                                         if bad else ""))
+    print(f"\n{len(entries)} adapters in {cat.root}"
+          + (f"; {len(unchecked)} with weights not checked yet (remote, not downloaded)" if unchecked else "")
+          + (f"; {bad} invalid (see `loraplex catalog validate`)" if bad else ""))
     return EXIT_OK
 
 
 def cmd_validate(args) -> int:
     # Invalid adapters are reported below, each once: silence the catalog's own scan warnings.
     logging.getLogger("loraplex.catalog").setLevel(logging.ERROR)
-    cat = _open(args)
+    cat = _open(args, sync_checks=sys.maxsize)  # every weights check before it returns (remote: ranged reads)
     if cat is None:
         return EXIT_UNUSABLE
     from .errors import AdapterChanged, CatalogError
@@ -105,7 +109,10 @@ def cmd_validate(args) -> int:
                 invalid[name] = getattr(e, "reason", None) or str(e)
     for name in sorted(invalid):
         print(f"INVALID  {name}: {invalid[name]}")
-    what = "configs only (--quick)" if args.quick else f"{checked} with weights read"
+    if args.quick:
+        for name in cat.unchecked():
+            print(f"UNCHECKED  {name}: weights not checked (a remote .bin, or storage did not answer)")
+    what = "configs and weight headers (--quick)" if args.quick else f"{checked} with weights read"
     print(f"{len(cat.names()) + len(cat.invalid()) - len(invalid)} valid, {len(invalid)} invalid in {cat.root} "
           f"({what})")
     return EXIT_INVALID if invalid else EXIT_OK
@@ -134,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_ls)
     va = csub.add_parser("validate", help="every invalid adapter with its reason; exit 1 if any, 2 if the "
                                           "root is unusable")
-    va.add_argument("--quick", action="store_true", help="check configs only, do not read weights")
+    va.add_argument("--quick", action="store_true", help="check configs and weight headers only (no tensor data read)")
     va.set_defaults(func=cmd_validate)
     for sp in (ls, va):
         sp.add_argument("root", help="catalog directory or URL (s3://bucket/prefix, ...)")

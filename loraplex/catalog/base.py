@@ -62,20 +62,32 @@ class CatalogBase:
     root: str
 
     # ---- lookup ---------------------------------------------------------------------------------
+    @property
+    def _listing(self) -> tuple[dict, frozenset]:
+        """(entries, names held out of the listing) as one consistent pair."""
+        return self._entries, frozenset()
+
     def __len__(self):
-        return len(self._entries)
+        entries, hidden = self._listing
+        return len(entries) - len(hidden)
 
     def __contains__(self, name):
-        return name in self._entries
+        entries, hidden = self._listing
+        return name in entries and name not in hidden
 
     def __iter__(self):
         return iter(self.names())
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """The listed adapters, sorted: valid configs whose weights passed (or await) the check."""
+        entries, hidden = self._listing
+        if hidden:
+            return sorted(n for n in entries if n not in hidden)
+        return sorted(entries)
 
     def entries(self) -> list[AdapterEntry]:
-        return [self._entries[n] for n in self.names()]
+        entries, hidden = self._listing
+        return [entries[n] for n in sorted(entries) if n not in hidden]
 
     def invalid(self) -> dict[str, str]:
         """name -> reason, for every adapter that cannot be served."""
@@ -133,6 +145,8 @@ class CatalogBase:
             raise AdapterChanged(name, entry.version, held[1].version if held else None)
         store, item = held
         local = store.materialize(item, entry.version)
+        if getattr(store, "remote", False):
+            self._downloaded(entry, item)
         files = AdapterFiles(entry, os.path.join(local, os.path.basename(item.weights_path)), item.weight_format,
                              local, store, item)
         if not getattr(store, "remote", False):
@@ -140,6 +154,14 @@ class CatalogBase:
             # are a change, and are never opened. Materialized remote copies are immutable.
             files.check()
         return files
+
+    def _downloaded(self, entry: AdapterEntry, item) -> None:
+        """A remote version is on local disk now (a storage catalog checks one it listed unchecked).
+        Raises InvalidAdapter if the catalog holds the adapter invalid."""
+        if entry.name not in self._entries:
+            reason = self._invalid.get(entry.name)
+            if reason is not None:
+                raise InvalidAdapter(entry.name, reason)
 
     def load_tensors(self, name: str, entry: AdapterEntry | None = None):
         """{PEFT key: tensor} of the adapter, validated against its config. Raises AdapterChanged if

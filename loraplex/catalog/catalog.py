@@ -6,17 +6,34 @@ import gc
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import CatalogError, InvalidAdapter, InvalidAdapterName
+from .background import NameQueue
 from .base import CatalogBase
+from .check import CHANGED, UNCHECKED, check_items
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .peft import parse_config_bytes
 from .store import LocalStore, StoredAdapter
 
 log = logging.getLogger("loraplex.catalog")
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every Catalog of this process
+
+
+def _after_fork_in_child() -> None:
+    # The background checks may hold a catalog's lock at the fork; in the child that thread does
+    # not exist and the lock would stay held forever. Only the forking thread runs there now.
+    for cat in list(_LIVE):
+        cat._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _is_url(root) -> bool:
@@ -26,14 +43,35 @@ def _is_url(root) -> bool:
 class Catalog(CatalogBase):
     """Adapters found under `root`: a directory or an fsspec URL (s3://bucket/prefix, gs://, http...).
 
-    Listing reads only adapter_config.json and stats the weight file; weights are read on demand by
-    load_tensors() / load_adapter() / files() (see CatalogBase). Invalid adapters are skipped with a
-    warning and listed in invalid().
+    Listing reads adapter_config.json and stats the weight file; tensors are read on demand by
+    load_tensors() / load_adapter() / files() (see CatalogBase). Every version listed also gets a
+    cheap weights check (loraplex.catalog.check: the safetensors header against the file size and the
+    config, no tensor data read). Invalid adapters are skipped with a warning and listed in invalid().
+
+    When the weights check runs (what names(), entries(), len() and `in` show):
+    - A refresh that finds at most `sync_checks` new or changed adapters checks them before it
+      returns: one that fails is never listed (it is in invalid()). refresh([name]), what a server
+      does for a request or a filesystem event, is such a refresh.
+    - The first listing of a larger catalog lists every adapter at once and checks them in the
+      background (wait_checks() / checks_pending()); one that fails leaves the listing when its
+      check runs, and listeners get a diff with it in `removed`.
+    - A later refresh that finds more than `sync_checks` new or changed adapters (a mass publish)
+      holds them out of the listing until the background has checked them; get() checks one on
+      demand. So an adapter published after the first listing is never listed if it fails.
+    - get(name) of an adapter still awaiting its check checks it first: get() never returns an
+      entry that failed the check.
+    - Remote stores: a check reads the local copy when one is on disk, else the header by ranged
+      reads (a GET of its first 64 KiB, a second for a longer header). The background check of a
+      first listing does no ranged reads (one request per adapter, for every restart): adapters with
+      no local copy are listed as unchecked() until their first download checks them (a failure
+      then drops them like a background failure). `.bin` adapters on a remote store, and any whose
+      header read failed (storage unreachable), are listed unchecked() the same way.
     """
 
     catalog_type = "storage"
 
-    def __init__(self, root, *, cache_dir=None, cache_bytes: int = 20 << 30, storage_options=None):
+    def __init__(self, root, *, cache_dir=None, cache_bytes: int = 20 << 30, storage_options=None,
+                 sync_checks: int = 256):
         if _is_url(root):
             from .remote import RemoteStore
 
@@ -52,11 +90,22 @@ class Catalog(CatalogBase):
         self._ids = IdTable()  # updated in place under the lock during a refresh
         self._by_id: dict[int, str] = {}  # the published id -> name of the current entries
         self._listeners: list[Callable[[CatalogDiff], None]] = []
+        # Weights-check state, changed under the lock; lock-free readers only test membership.
+        self.sync_checks = sync_checks
+        self._pending: dict[str, bool] = {}  # name -> listed?, for entries awaiting their check
+        self._pending_size = 0  # len(_pending) when it was last built
+        self._hidden: set[str] = set()  # the pending names held out of the listing
+        self._view: tuple[dict, frozenset] = (self._entries, frozenset())  # what listings read, in one
+        self._unchecked: set[str] = set()  # listed, no check possible yet (remote, no local copy)
+        self._listed_once = False
+        self._checks = NameQueue(self._check_batch)  # restarts itself in a forked child
+        _LIVE.add(self)
         self.refresh()
 
     # ---- keeping current ------------------------------------------------------------------------
     def refresh(self, names=None) -> CatalogDiff:
-        """Re-list storage; re-read only the configs of adapters whose version changed.
+        """Re-list storage; re-read only the configs of adapters whose version changed, and run the
+        weights check on them (before this returns if at most sync_checks; see the class doc).
 
         names: only these adapter directories may have changed (what filesystem events reported):
         stat just them, so the cost follows the change, not the catalog's size. Stores that cannot
@@ -112,6 +161,10 @@ class Catalog(CatalogBase):
                     invalid[name] = getattr(e, "reason", None) or str(e)
                     continue
                 fresh.append((item, spec))
+            deferred = len(fresh) > self.sync_checks
+            fresh_unchecked = set()
+            if fresh and not deferred:
+                fresh, fresh_unchecked = self._check_fresh(fresh, items, invalid)
             for name, reason in invalid.items():
                 if self._invalid.get(name) != reason:
                     log.warning("skipping LoRA adapter '%s' in %s: %s", name, self.root, reason)
@@ -129,6 +182,18 @@ class Catalog(CatalogBase):
                     log.info("adapter id collision in %s: new ids for %s (ids are re-derived from the names)",
                              self.root, ", ".join(sorted(moved)[:10]))
                     kept.update({n: replace(kept[n], id=by_name[n]) for n in moved})
+            # Check states carry over for the unchanged entries only.
+            pending = {n: v for n, v in self._pending.items() if n in kept}
+            hidden = {n for n in self._hidden if n in kept}
+            unchecked = {n for n in self._unchecked if n in kept} | fresh_unchecked
+            if deferred:  # listed at once in a first listing; held out of it afterwards
+                listed = not self._listed_once
+                if pending:
+                    pending.update(dict.fromkeys(fresh_names, listed))
+                else:
+                    pending = dict.fromkeys(fresh_names, listed)
+                if not listed:
+                    hidden.update(fresh_names)
             entries = kept
             local_dir = self._store.local_dir
             for item, spec in fresh:
@@ -136,11 +201,133 @@ class Catalog(CatalogBase):
                                                   spec, item.weight_format, item.size_bytes)
             # Items of invalid configs are kept too, so an unchanged bad config is not re-read each time.
             self._items = items
+            # Lock-free get() reads _entries, then _pending: a new entry must be pending before it is
+            # there. Listings read _view, the entries and the held-out names in one.
+            self._pending = pending
+            self._pending_size = len(pending)
             self._entries = entries
+            self._hidden = hidden
+            self._view = (entries, frozenset(hidden))
             if added or removed or renumbered:  # lock-free readers see the old or the new table, whole
                 self._by_id = dict(self._ids.by_id)
             self._invalid = invalid
+            self._unchecked = unchecked
+            self._listed_once = True
+            if deferred:
+                self._checks.put(fresh_names)
             return CatalogDiff(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
+
+    # ---- the weights check ----------------------------------------------------------------------
+    def _check_fresh(self, fresh, items, invalid):
+        """Check the (item, spec) of new or changed adapters now: (those to list, those of them that
+        could not be checked)."""
+        verdicts = check_items(self._store, fresh, network=True)
+        passed, unchecked = [], set()
+        for item, spec in fresh:
+            v = verdicts[item.name]
+            if v is CHANGED:
+                items.pop(item.name, None)  # not listed: the next refresh reads what storage holds now
+            elif type(v) is str:
+                invalid[item.name] = v
+            else:
+                if v is UNCHECKED:
+                    unchecked.add(item.name)
+                passed.append((item, spec))
+        return passed, unchecked
+
+    def _check_batch(self, names, network: bool = False) -> None:
+        """Check these pending or unchecked entries and apply the verdicts. Remote reads: ranged ones
+        for held-out names (and all with network=True); listed ones only from local copies."""
+        with self._lock:
+            todo = [(self._items[n], self._entries[n]) for n in names
+                    if (n in self._pending or n in self._unchecked) and n in self._entries and n in self._items]
+            hidden = set(self._hidden)
+        verdicts = {}
+        for net, group in ((network, [t for t in todo if t[1].name not in hidden]),
+                           (True, [t for t in todo if t[1].name in hidden])):
+            if group:
+                verdicts.update(check_items(self._store, [(it, e.spec) for it, e in group], network=net))
+        self._apply(todo, verdicts)
+
+    def _apply(self, todo, verdicts) -> None:
+        failed = {}
+        with self._lock:
+            for _, entry in todo:
+                n = entry.name
+                cur = self._entries.get(n)
+                if cur is None or cur.version != entry.version or not (n in self._pending or n in self._unchecked):
+                    continue  # refreshed meanwhile: that refresh decided
+                v = verdicts.get(n, UNCHECKED)
+                if v is CHANGED:
+                    continue  # still pending: the next refresh lists what storage holds now
+                if type(v) is str:
+                    failed[n] = v
+                    continue
+                self._pending.pop(n, None)  # in place: lock-free readers only test membership
+                self._hidden.discard(n)
+                if v is UNCHECKED:
+                    self._unchecked.add(n)
+                else:
+                    self._unchecked.discard(n)
+            if failed:
+                self._drop_failed(failed)  # out of the entries before they stop being pending
+                for n in failed:
+                    self._pending.pop(n, None)
+                self._hidden.difference_update(failed)
+                self._unchecked.difference_update(failed)
+            self._view = (self._entries, frozenset(self._hidden))
+            if len(self._pending) * 4 < self._pending_size:
+                # A dict keeps its table as it empties: once a first listing's checks are done, every
+                # get() would probe 100k deleted slots for a name that is not there (about 2x slower).
+                self._pending = dict(self._pending)
+                self._pending_size = len(self._pending)
+        if failed:
+            self._notify(CatalogDiff(removed=tuple(sorted(failed))))
+
+    def _drop_failed(self, failed: dict) -> None:
+        entries = {n: e for n, e in self._entries.items() if n not in failed}
+        if self._ids.remove(list(failed)):
+            by_name = self._ids.by_name
+            entries.update({n: replace(e, id=by_name[n]) for n, e in entries.items() if e.id != by_name[n]})
+        self._by_id = dict(self._ids.by_id)
+        self._invalid = {**self._invalid, **failed}
+        self._entries = entries  # whole: lock-free readers iterate it
+        for n, reason in failed.items():
+            log.warning("dropping LoRA adapter '%s' in %s: %s", n, self.root, reason)
+
+    def _downloaded(self, entry, item) -> None:
+        if entry.name in self._unchecked:  # a remote adapter listed unchecked: its local copy is here now
+            self._apply([(item, entry)], check_items(self._store, [(item, entry.spec)], network=False))
+        super()._downloaded(entry, item)
+
+    def get(self, name: str) -> AdapterEntry:
+        """The entry of `name`; one not checked yet is checked first (InvalidAdapter if it fails)."""
+        entry = self._entries.get(name)
+        if entry is not None and name not in self._pending:
+            return entry
+        if entry is not None:
+            self._check_batch([name], network=True)
+        return super().get(name)
+
+    __getitem__ = get
+
+    @property
+    def _listing(self) -> tuple[dict, frozenset]:
+        return self._view
+
+    def wait_checks(self, timeout: float | None = None) -> bool:
+        """Block until the background weights checks queued so far are done; False after `timeout` s."""
+        return self._checks.wait(timeout)
+
+    def checks_pending(self) -> int:
+        """Adapters queued for a background weights check."""
+        return len(self._checks)
+
+    def unchecked(self) -> list[str]:
+        """Listed adapters whose weights are not checked yet: awaiting the background (a first listing
+        of more than sync_checks adapters), or remote ones with no local copy (see the class doc)."""
+        with self._lock:
+            return sorted({n for n, listed in self._pending.items() if listed} | self._unchecked)
 
     def watch(self, callback: Callable[[CatalogDiff], None] | None = None, interval: float = 2.0, *,
               events: bool = True, rescan: float = 60.0):

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapter, StorageError
 from .base import CatalogBase
+from .check import CHANGED, check_file
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .names import check_name
@@ -49,6 +50,17 @@ class _DirStore:
         except CatalogError:
             return None
 
+    def check(self, item: StoredAdapter, spec) -> None:
+        """The weights check (see catalog.check): InvalidAdapter if it fails, StorageError if the
+        files changed under it (register again, or the next refresh reads them)."""
+        v = check_file(self.name, spec, item.weights_path, item.weight_format, version=item.version)
+        if type(v) is str and self.current_version(item, self.path) != item.version:
+            v = CHANGED
+        if v is CHANGED:
+            raise StorageError(self.name, f"{self.path} changed while it was checked; try again")
+        if v is not None:
+            raise InvalidAdapter(self.name, v)
+
 
 class MemoryCatalog(CatalogBase):
     """Adapters added with register(name, path) and removed with unregister(name)."""
@@ -68,13 +80,14 @@ class MemoryCatalog(CatalogBase):
 
     # ---- registration ---------------------------------------------------------------------------
     def register(self, name: str, path) -> AdapterEntry:
-        """Add or replace adapter `name` from the PEFT directory `path` (validated now: raises
-        InvalidAdapter naming `name`, and nothing is registered)."""
+        """Add or replace adapter `name` from the PEFT directory `path`, validated now (the config and
+        the weights check): raises InvalidAdapter naming `name`, and nothing is registered."""
         check_name(name)
         path = os.path.abspath(os.fspath(path))
         store = _DirStore(name, path)
         item = store.stat()
         spec = parse_config_bytes(name, store.read_config(item))
+        store.check(item, spec)
         with self._lock:
             old = self._entries.get(name)
             self._paths[name] = path
@@ -120,9 +133,9 @@ class MemoryCatalog(CatalogBase):
 
     # ---- keeping current ------------------------------------------------------------------------
     def refresh(self) -> CatalogDiff:
-        """Re-stat every registered directory: a changed one is re-read (changed); one whose files
-        are gone or invalid now leaves the entries (removed) and shows in invalid(), and comes back
-        when it is fixed (added)."""
+        """Re-stat every registered directory: a changed one is re-read and its weights checked
+        (changed); one whose files are gone or invalid now leaves the entries (removed) and shows in
+        invalid(), and comes back when it is fixed (added)."""
         added, removed, changed = [], [], []
         with self._lock:
             for name, path in list(self._paths.items()):
@@ -133,6 +146,7 @@ class MemoryCatalog(CatalogBase):
                     if old is not None and item.version == old.version:
                         continue
                     spec = parse_config_bytes(name, store.read_config(item))
+                    store.check(item, spec)
                 except CatalogError as e:
                     reason = getattr(e, "reason", None) or str(e)
                     if self._invalid.get(name) != reason:

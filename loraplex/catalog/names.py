@@ -20,7 +20,8 @@ def check_name(name) -> str:
         and name
         and name[0] != "."
         and _FORBIDDEN.search(name) is None
-        and len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+        # UTF-8 takes at most 4 bytes a character: short names need no encoding to be measured
+        and (len(name) <= MAX_NAME_BYTES // 4 or len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES)
     ):
         return name
     if not isinstance(name, str):

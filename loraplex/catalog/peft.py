@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import msgspec
 import regex
 
 from ..errors import InvalidAdapter
@@ -117,28 +118,73 @@ _PARSED: dict[bytes, AdapterSpec | str] = {}
 _PARSED_MAX_ENTRIES = 4096
 _PARSED_MAX_BYTES = 16 << 10  # larger configs are parsed every time
 
+# Configs that differ only in keys the spec does not read (a revision, a run name, a dropout) share a
+# spec too, found by the raw JSON text of the keys it does read: SPEC_KEYS, every key parse_config
+# looks at (tests/catalog/test_peft.py checks that). msgspec decodes just those as raw text, skipping
+# the rest (still checking it is JSON) at a quarter of json.loads' cost.
+SPEC_KEYS = ("peft_type", "use_dora", "fan_in_fan_out", "bias", "lora_bias", "use_qalora", "use_bdlora",
+             "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "modules_to_save",
+             "layer_replication", "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern",
+             "alpha_pattern", "layers_to_transform", "base_model_name_or_path", "use_rslora")
+_SpecFields = msgspec.defstruct("_SpecFields", [(k, msgspec.Raw, msgspec.Raw(b"")) for k in SPEC_KEYS])
+_SPEC_FIELDS = msgspec.json.Decoder(_SpecFields)
+_astuple = msgspec.structs.astuple
+# json refuses ints of over 4300 digits, which msgspec skips unchecked: no such int fits in 4096 bytes.
+_KEYED_MAX_BYTES = 4096
+_BY_CONTENT: dict[bytes, AdapterSpec | str] = {}
+
+
+def _content_key(raw: bytes) -> bytes | None:
+    """The raw text of the SPEC_KEYS values (NUL-separated: no JSON text holds a NUL), or None where
+    msgspec and json could disagree about the document: non-ASCII (msgspec does not check the UTF-8 of
+    values it skips), longer than _KEYED_MAX_BYTES, or refused by msgspec (NaN, lone surrogates, a top
+    level that is not an object...: json decides those). Otherwise both accept it, with equal values."""
+    if len(raw) > _KEYED_MAX_BYTES or not raw.isascii():
+        return None
+    try:
+        return b"\0".join(_astuple(_SPEC_FIELDS.decode(raw)))
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+
+
+def _remember(cache: dict, key, value) -> None:
+    if len(cache) >= _PARSED_MAX_ENTRIES:
+        cache.clear()
+    cache[key] = value
+
 
 def parse_config_bytes(name: str, raw: bytes) -> AdapterSpec:
     """The spec of adapter_config.json's bytes; InvalidAdapter naming `name` if it is not servable.
-    Specs are shared between adapters with identical configs: treat them as read-only."""
+    Specs are shared between adapters with equal configs: treat them as read-only."""
     hit = _PARSED.get(raw)
     if hit is None:
-        try:
-            hit = _parse_bytes(name, raw)
-        except InvalidAdapter as e:
-            hit = e.reason
-        if len(raw) <= _PARSED_MAX_BYTES:
-            if len(_PARSED) >= _PARSED_MAX_ENTRIES:
-                _PARSED.clear()
-            _PARSED[raw] = hit
+        key = _content_key(raw)
+        hit = None if key is None else _BY_CONTENT.get(key)
+        if hit is None:
+            try:
+                hit = _parse_bytes(name, raw, keyed=key is not None)
+            except InvalidAdapter as e:
+                hit = e.reason
+            if key is not None:
+                _remember(_BY_CONTENT, key, hit)
+            if len(raw) <= _PARSED_MAX_BYTES:  # not on a content hit: distinct bytes would only churn it
+                _remember(_PARSED, raw, hit)
     if type(hit) is str:
         raise InvalidAdapter(name, hit)
     return hit
 
 
-def _parse_bytes(name: str, raw: bytes) -> AdapterSpec:
+def clear_caches() -> None:
+    """Forget every parsed config (what a fresh process starts with)."""
+    _PARSED.clear()
+    _BY_CONTENT.clear()
+
+
+def _parse_bytes(name: str, raw: bytes, keyed: bool = False) -> AdapterSpec:
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidAdapter(name, f"adapter_config.json is {len(raw)} bytes (limit {MAX_CONFIG_BYTES})")
+    if keyed:  # msgspec accepted it, and then it decodes to what json.loads returns (see _content_key)
+        return parse_config(name, msgspec.json.decode(raw))
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, >4300-digit ints, nesting past the stack

@@ -288,6 +288,18 @@ class RemoteStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing partial survives a failure
 
+    def check_current(self, item: RemoteAdapter) -> None:
+        """Raise AdapterChanged unless storage still holds this version (a HEAD of each file), or
+        StorageError if it does not answer."""
+        try:
+            self._check_remote(item)
+        except FileNotFoundError:
+            raise AdapterChanged(item.name, item.version, None) from None
+        except CatalogError:
+            raise
+        except Exception as e:  # noqa: BLE001 - backend-specific network errors
+            raise StorageError(item.name, f"cannot check {self.root}/{item.name}: {_why(e)}") from None
+
     def _check_remote(self, item: RemoteAdapter) -> None:
         now = _version(self.fs.info(item.weights_path), self.fs.info(item.config_path))
         if now != item.version:

@@ -119,25 +119,55 @@ def read_tensors(name: str, weights_path: str, weight_format: str, spec: Adapter
 
 
 def _check_bin_container(name: str, path: str) -> None:
-    """torch.save writes an uncompressed zip, so what torch.load allocates is bounded by the file size.
+    try:
+        with open(path, "rb") as f:
+            problem = bin_container_problem(f, os.fstat(f.fileno()).st_size)
+    except OSError:
+        return  # torch.load reports it in its own words
+    if problem is not None:
+        raise InvalidAdapter(name, problem)
+
+
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy one (a pickle)
+_ZIP_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+
+
+def bin_container_problem(f, size: int) -> str | None:
+    """What is wrong with a .bin's container (an open binary file of `size` bytes), read without
+    unpickling anything: the zip directory and its offsets. None if nothing is found.
+
+    torch.save writes an uncompressed zip, so what torch.load allocates is bounded by the file size.
     torch.load also inflates compressed entries: a 200 KB .bin can declare a 200 MB storage (a zip
-    bomb), so those are refused before loading. The legacy (non-zip) format is left to torch.load."""
+    bomb), so those are refused before loading. A zip cut short loses its directory (at the end).
+    The legacy format is one pickle stream: nothing in it can be checked without unpickling, so it
+    passes here and is checked by the full (weights_only) load."""
     import zipfile
 
+    head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        return None
+    if head != _ZIP_MAGIC:
+        return "adapter_model.bin is neither a zip archive (torch.save) nor a legacy torch file"
     try:
-        if not zipfile.is_zipfile(path):
-            return
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return  # torch.load reports the damage in its own words
+        z = zipfile.ZipFile(f)
+        infos, start_dir = z.infolist(), z.start_dir
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        return f"adapter_model.bin is a damaged zip archive (truncated?): {str(e)[:200]}"
     packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
     if packed:
-        raise InvalidAdapter(name, f"adapter_model.bin refused: compressed zip entry {packed[0]!r} (torch.save "
-                                   "stores entries uncompressed; a compressed one can inflate without bound)")
+        return (f"adapter_model.bin refused: compressed zip entry {packed[0]!r} (torch.save stores entries "
+                "uncompressed; a compressed one can inflate without bound)")
     total = sum(i.file_size for i in infos)
     if total > MAX_TOTAL_BYTES:
-        raise InvalidAdapter(name, f"adapter_model.bin holds {total} bytes (limit {MAX_TOTAL_BYTES})")
+        return f"adapter_model.bin holds {total} bytes (limit {MAX_TOTAL_BYTES})"
+    pos = 0
+    for i in sorted(infos, key=lambda i: i.header_offset):  # entries in order, none overlapping the next
+        if i.header_offset < pos:
+            return f"adapter_model.bin is a damaged zip archive: entry {i.filename!r} overlaps the one before it"
+        pos = i.header_offset + _ZIP_LOCAL_HEADER + len(i.filename.encode()) + i.compress_size
+    if pos > min(start_dir, size):
+        return "adapter_model.bin is a damaged zip archive: its entries run past the zip directory"
+    return None
 
 
 def _numel(shape) -> int:
@@ -171,10 +201,10 @@ class SafetensorsFile:
         self._fd = None
         try:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-            size = os.fstat(self._fd)
-            if not st.S_ISREG(size.st_mode):
+            self.stat = os.fstat(self._fd)  # of the file read, whatever the path names by now
+            if not st.S_ISREG(self.stat.st_mode):
                 raise InvalidAdapter(name, f"{_WHAT} is not a regular file")
-            self._parse(size.st_size)
+            self._parse(self.stat.st_size)
         except OSError as e:  # InvalidAdapter, as before: callers check it for a change under the read
             self.close()
             raise InvalidAdapter(name, f"{_WHAT} cannot be read: {e.strerror or e}") from None
@@ -182,67 +212,10 @@ class SafetensorsFile:
             self.close()
             raise
 
-    def _bad(self, why: str):
-        return InvalidAdapter(self.name, f"{_WHAT} is corrupt: {why}")
-
     def _parse(self, file_size: int) -> None:
-        if file_size < 8:
-            raise self._bad(f"{file_size} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(self._read(0, 8), "little")
-        if n > MAX_HEADER_BYTES:
-            raise self._bad(f"header of {n} bytes (limit {MAX_HEADER_BYTES})")
-        if 8 + n > file_size:
-            raise self._bad(f"header length {n} runs past the end of the {file_size}-byte file")
-        try:
-            header = json.loads(self._read(8, n).decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, 5000-digit ints, deep nesting
-            raise self._bad(f"header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
-        meta = header.pop("__metadata__", None)
-        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-            raise self._bad("__metadata__ must map strings to strings")
-        if len(header) > MAX_TENSORS:
-            raise InvalidAdapter(self.name, f"weight file holds {len(header)} tensors (limit {MAX_TENSORS})")
-        data_len = file_size - 8 - n
+        n = header_length(self.name, self._read(0, min(8, file_size)), file_size)
+        self.shapes, self._where = parse_header(self.name, self._read(8, n), file_size)
         self._data_start = 8 + n
-        self.shapes, self._where, spans = {}, {}, []
-        for key, info in header.items():
-            dtype, shape, begin, end = self._entry(key, info)
-            if _numel(shape) * _ST_DTYPES[dtype][1] != end - begin:
-                raise self._bad(f"tensor {key!r}: {dtype}{shape} needs {_numel(shape) * _ST_DTYPES[dtype][1]} "
-                                f"bytes but data_offsets span {end - begin}")
-            self.shapes[key] = (tuple(shape), dtype)
-            self._where[key] = (begin, end)
-            spans.append((begin, end, key))
-        pos = 0
-        for begin, end, key in sorted(spans):  # no gap, no overlap, nothing past the data
-            if begin != pos:
-                raise self._bad(f"tensor {key!r} data_offsets {[begin, end]} overlap or leave a gap (expected "
-                                f"to start at {pos})")
-            pos = end
-        if pos != data_len:
-            raise self._bad(f"tensors cover {pos} bytes but the file holds {data_len} data bytes "
-                            "(truncated, or trailing bytes)")
-        if sum(_numel(s) for s, _ in self.shapes.values()) * 4 > MAX_TOTAL_BYTES:
-            raise InvalidAdapter(self.name, f"{data_len} bytes of weights exceed the per-adapter limit "
-                                            f"({MAX_TOTAL_BYTES} bytes as fp32)")
-
-    def _entry(self, key, info):
-        if not isinstance(info, dict):
-            raise self._bad(f"header entry {key!r} is not an object")
-        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-            raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_uint(d) for d in shape):
-            raise self._bad(f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers")
-        # A zero-size tensor may list huge dims; torch multiplies them all (and fails past int64).
-        if _numel([max(d, 1) for d in shape]) >= 1 << 63:
-            raise self._bad(f"tensor {key!r} has shape {shape!r}; dimensions beyond int64")
-        if not (isinstance(offs, list) and len(offs) == 2 and _uint(offs[0]) and _uint(offs[1])
-                and offs[0] <= offs[1]):
-            raise self._bad(f"tensor {key!r} has data_offsets {offs!r}; expected [begin, end], 0 <= begin <= end")
-        return dtype, shape, offs[0], offs[1]
 
     def _read(self, offset: int, n: int, into=None) -> bytes | None:
         """n bytes at offset (into `into`, a writable buffer, if given); a short read is an error."""
@@ -251,7 +224,8 @@ class SafetensorsFile:
         while got < n:
             k = os.preadv(self._fd, [buf[got:]], offset + got)
             if k == 0:
-                raise self._bad(f"file ends at byte {offset + got}, expected {offset + n} (truncated under the read?)")
+                raise _corrupt(self.name, f"file ends at byte {offset + got}, expected {offset + n} "
+                                          "(truncated under the read?)")
             got += k
         return buf.tobytes() if into is None else None
 
@@ -278,6 +252,80 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _corrupt(name: str, why: str) -> InvalidAdapter:
+    return InvalidAdapter(name, f"{_WHAT} is corrupt: {why}")
+
+
+def header_length(name: str, first: bytes, file_size: int) -> int:
+    """The header length stored in the file's first 8 bytes (`first`), checked against the file size."""
+    if file_size < 8:
+        raise _corrupt(name, f"{file_size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(first[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise _corrupt(name, f"header of {n} bytes (limit {MAX_HEADER_BYTES})")
+    if 8 + n > file_size:
+        raise _corrupt(name, f"header length {n} runs past the end of the {file_size}-byte file")
+    return n
+
+
+def parse_header(name: str, raw: bytes, file_size: int) -> tuple[dict, dict]:
+    """({key: (shape, dtype)}, {key: (begin, end)}) of the header's JSON bytes, checked as strictly as
+    safetensors does (contiguous offsets covering exactly the file_size - 8 - len(raw) data bytes,
+    sizes agreeing with shape x dtype) plus our limits. Reads nothing: works on a ranged read too."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, 5000-digit ints, deep nesting
+        raise _corrupt(name, f"header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(name, "header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _corrupt(name, "__metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise InvalidAdapter(name, f"weight file holds {len(header)} tensors (limit {MAX_TENSORS})")
+    data_len = file_size - 8 - len(raw)
+    shapes, where, spans = {}, {}, []
+    for key, info in header.items():
+        dtype, shape, begin, end = _entry(name, key, info)
+        need = _numel(shape) * _ST_DTYPES[dtype][1]
+        if need != end - begin:
+            raise _corrupt(name, f"tensor {key!r}: {dtype}{shape} needs {need} bytes but data_offsets span "
+                                 f"{end - begin}")
+        shapes[key] = (tuple(shape), dtype)
+        where[key] = (begin, end)
+        spans.append((begin, end, key))
+    pos = 0
+    for begin, end, key in sorted(spans):  # no gap, no overlap, nothing past the data
+        if begin != pos:
+            raise _corrupt(name, f"tensor {key!r} data_offsets {[begin, end]} overlap or leave a gap (expected "
+                                 f"to start at {pos})")
+        pos = end
+    if pos != data_len:
+        raise _corrupt(name, f"tensors cover {pos} bytes but the file holds {data_len} data bytes "
+                             "(truncated, or trailing bytes)")
+    if sum(_numel(s) for s, _ in shapes.values()) * 4 > MAX_TOTAL_BYTES:
+        raise InvalidAdapter(name, f"{data_len} bytes of weights exceed the per-adapter limit "
+                                   f"({MAX_TOTAL_BYTES} bytes as fp32)")
+    return shapes, where
+
+
+def _entry(name, key, info):
+    if not isinstance(info, dict):
+        raise _corrupt(name, f"header entry {key!r} is not an object")
+    dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise _corrupt(name, f"tensor {key!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_uint(d) for d in shape):
+        raise _corrupt(name, f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers")
+    # A zero-size tensor may list huge dims; torch multiplies them all (and fails past int64).
+    if _numel([max(d, 1) for d in shape]) >= 1 << 63:
+        raise _corrupt(name, f"tensor {key!r} has shape {shape!r}; dimensions beyond int64")
+    if not (isinstance(offs, list) and len(offs) == 2 and _uint(offs[0]) and _uint(offs[1])
+            and offs[0] <= offs[1]):
+        raise _corrupt(name, f"tensor {key!r} has data_offsets {offs!r}; expected [begin, end], 0 <= begin <= end")
+    return dtype, shape, offs[0], offs[1]
 
 
 def _uint(v) -> bool:

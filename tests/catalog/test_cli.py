@@ -82,7 +82,7 @@ def test_validate(catalog_dir, adapter_source, capsys):
     assert "skipping" not in bad.stderr  # each problem reported once, on stdout
     quick = run_cli("catalog", "validate", "--quick", catalog_dir)
     assert quick.returncode == 1 and quick.stdout.splitlines()[-1] == \
-        f"3 valid, 1 invalid in {catalog_dir} (configs only (--quick))"
+        f"2 valid, 2 invalid in {catalog_dir} (configs and weight headers (--quick))"
 
 
 @pytest.mark.parametrize("cmd", ["ls", "validate"])

@@ -175,3 +175,106 @@ def test_the_parse_cache_never_mixes_names():
     good = json.dumps(peft_config(r=16)).encode()
     assert parse_config_bytes("a", good) is parse_config_bytes("b", good)
     assert parse_config_bytes("c", good).r == 16
+
+
+class _Reads(dict):
+    """A config dict that records every key parse_config looks up."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def test_spec_keys_are_every_key_parse_config_reads():
+    # Configs are shared by the raw text of SPEC_KEYS: a key read but not listed would let two configs
+    # that differ in it share one spec. Every optional path is taken: each key present and valid.
+    from loraplex.catalog.peft import SPEC_KEYS
+
+    full = peft_config(exclude_modules=["k_proj"], layers_to_transform=[0, 1], rank_pattern={"q_proj": 2},
+                       alpha_pattern={"q_proj": 3}, layer_replication=None, lora_bias=False, use_qalora=False,
+                       use_bdlora=None, target_parameters=None, trainable_token_indices=None,
+                       alora_invocation_tokens=None, revision="r1", lora_dropout=0.1)
+    data = _Reads(full)
+    parse_config("x", data)
+    assert data.read <= set(SPEC_KEYS), data.read - set(SPEC_KEYS)
+    assert {"r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "layers_to_transform"} <= data.read
+
+
+# (a config's raw JSON, with one variation each): parse_config_bytes must give exactly what
+# parse_config(json.loads(raw)) gives, whatever was parsed before it.
+_BASE = json.dumps(peft_config(r=8, rank_pattern={"q_proj": 4}), indent=2)
+_VARIANTS = [
+    _BASE,
+    _BASE.replace('"lora_dropout": 0.0', '"lora_dropout": 0.5'),  # unread key: same spec
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": "SEQ_2_SEQ_LM", "revision": "abc"'),
+    _BASE.replace('"r": 8', '"r": 8.0'),  # read key, same value in Python (8 == 8.0): refused
+    _BASE.replace('"r": 8', '"r": true'),
+    _BASE.replace('"q_proj": 4', '"q_proj": 4.0'),
+    _BASE.replace('"q_proj": 4', '"q_proj": true'),
+    _BASE.replace('"lora_alpha": 8', '"lora_alpha": 8.0'),
+    _BASE.replace('"lora_alpha": 8', '"lora_alpha": -0.0'),
+    _BASE.replace('"use_rslora": false', '"use_rslora": 0'),
+    _BASE.replace('"bias": "none"', '"bias": "none", "bias": "all"'),  # duplicate keys: the last wins
+    _BASE.replace('"bias": "none"', '"bias": "all", "bias": "none"'),
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": NaN'),  # json accepts NaN, msgspec does not
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": "\\ud800"'),  # a lone surrogate escape
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": "caf\u00e9"'),  # non-ASCII, valid UTF-8
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": ' + "9" * 5000),  # json refuses >4300 digits
+    _BASE.replace('"base_model_name_or_path": "tiny-llama"', '"base_model_name_or_path": "other"'),
+    _BASE.replace('["q_proj", "v_proj"]', '["q_proj","v_proj"]'),
+    _BASE.replace('"q_proj",\n', '"q_proj", "q_proj",\n', 1),
+]
+_RAW_VARIANTS = [v.encode() for v in _VARIANTS] + [
+    _BASE.replace('"task_type": "CAUSAL_LM"', '"task_type": "X"').encode().replace(b'"X"', b'"\xff"'),  # bad UTF-8
+    _BASE.encode() + b" x",  # trailing garbage
+    b"[" + _BASE.encode() + b"]",
+]
+
+
+def _json_verdict(raw):
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "not JSON"
+    try:
+        return parse_config("v", data)
+    except InvalidAdapter as e:
+        return e.reason
+
+
+def test_parse_is_exactly_json_then_parse_config_in_any_order():
+    from loraplex.catalog import peft
+
+    for order in (_RAW_VARIANTS, _RAW_VARIANTS[::-1]):
+        peft.clear_caches()
+        for raw in order:
+            want = _json_verdict(raw)
+            try:
+                got = parse_config_bytes("v", raw)
+            except InvalidAdapter as e:
+                got = e.reason
+            if want == "not JSON":
+                assert isinstance(got, str) and got.startswith("adapter_config.json is not valid JSON"), (raw[:60], got)
+            else:
+                assert got == want, raw[:200]
+
+
+def test_configs_differing_only_in_unread_keys_share_one_spec():
+    from loraplex.catalog import peft
+
+    peft.clear_caches()
+    a, b, c = (parse_config_bytes(n, v.encode()) for n, v in zip("abc", _VARIANTS[:3], strict=True))
+    assert a is b is c
+    assert parse_config_bytes("d", _VARIANTS[16].encode()) is not a  # base_model_name_or_path is read

@@ -36,9 +36,10 @@ def test_add_remove_change(catalog_dir, adapter_source):
         diff = cat.refresh()
     assert diff == CatalogDiff(added=("delta",), removed=("beta-r8",), changed=("gamma-r16",))
     assert seen == [diff]
-    # only what changed was read
+    # only what changed was read: its config, and its weights' header for the weights check
     read = sorted(os.path.relpath(p, catalog_dir) for p in opened if p.startswith(str(catalog_dir)))
-    assert read == ["delta/adapter_config.json", "gamma-r16/adapter_config.json"]
+    assert read == ["delta/adapter_config.json", "delta/adapter_model.safetensors",
+                    "gamma-r16/adapter_config.json", "gamma-r16/adapter_model.safetensors"]
     new = cat.get("gamma-r16")
     assert new.version != old.version and new.key != old.key
     assert (old.lora_alpha, new.lora_alpha) == (32.0, 64.0)

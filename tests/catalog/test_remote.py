@@ -320,8 +320,12 @@ def test_generic_fsspec_memory_store(tmp_path, adapter_source):
     want = Catalog(adapter_source).load_tensors("beta-r8")
     got = cat.load_tensors("beta-r8")
     assert cat.names() == ["alpha-r4", "beta-r8"] and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = (adapter_source / "beta-r8" / "adapter_config.json").read_bytes()
+    fs.pipe(f"{root}/beta-r8/adapter_config.json", cfg.replace(b'"lora_alpha": 16', b'"lora_alpha": 4'))
+    assert cat.refresh().changed == ("beta-r8",) and cat.get("beta-r8").lora_alpha == 4
+    # another adapter's config over these weights: the weights check refuses the pair
     fs.pipe(f"{root}/beta-r8/adapter_config.json", (adapter_source / "alpha-r4" / "adapter_config.json").read_bytes())
-    assert cat.refresh().changed == ("beta-r8",)
+    assert cat.refresh().removed == ("beta-r8",) and "target_modules does not select it" in cat.invalid()["beta-r8"]
 
 
 def test_default_cache_dir_is_per_url(monkeypatch, tmp_path):

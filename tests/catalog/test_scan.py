@@ -129,15 +129,38 @@ def test_empty_root(tmp_path):
     assert len(cat) == 0 and cat.names() == [] and cat.invalid() == {}
 
 
-def test_listing_reads_configs_never_weights(catalog_dir):
-    # Garbage weights are listed (nothing parsed them) and no weight file is opened, by Python or by
-    # native code (the kernel's open events see both).
+def test_listing_reads_configs_and_weight_headers_never_tensor_data(catalog_dir, monkeypatch):
+    # Every weight file is opened for its header only: the reads of each, by offset, stop at the end of
+    # its header (8 + header length), and nothing else under the root is opened, by Python or by native
+    # code (the kernel's open events see both). Garbage weights are not listed.
     (catalog_dir / "beta-r8" / "adapter_model.safetensors").write_bytes(b"\0garbage")
+    reads = []
+    preadv, pread = os.preadv, os.pread
+
+    def spy_preadv(fd, bufs, offset, *a):
+        reads.append((os.readlink(f"/proc/self/fd/{fd}"), offset, sum(len(b) for b in bufs)))
+        return preadv(fd, bufs, offset, *a)
+
+    def spy_pread(fd, n, offset):
+        reads.append((os.readlink(f"/proc/self/fd/{fd}"), offset, n))
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "preadv", spy_preadv)
+    monkeypatch.setattr(os, "pread", spy_pread)
     with inotify_opens(catalog_dir) as kernel, python_opens() as py:
         cat = Catalog(catalog_dir)
-    assert cat.names() == sorted(GOOD)
+    monkeypatch.undo()
+    assert cat.names() == ["alpha-r4", "gamma-r16"]
+    assert cat.invalid()["beta-r8"].startswith("adapter_model.safetensors is corrupt: ")
     opened = {os.path.relpath(p, catalog_dir) for p in kernel + py if p.startswith(str(catalog_dir))}
-    assert opened == {f"{n}/adapter_config.json" for n in GOOD}, opened
+    assert opened == {f"{n}/{f}" for n in GOOD for f in ("adapter_config.json", "adapter_model.safetensors")}
+    for n in ("alpha-r4", "gamma-r16"):
+        path = str(catalog_dir / n / "adapter_model.safetensors")
+        with open(path, "rb") as f:
+            header_end = 8 + int.from_bytes(f.read(8), "little")
+        spans = [(off, off + k) for p, off, k in reads if p == path]
+        assert spans and max(end for _, end in spans) == header_end < os.path.getsize(path), (n, spans)
+    assert {p for p, _, _ in reads} <= {str(catalog_dir / n / "adapter_model.safetensors") for n in GOOD}
     with pytest.raises(InvalidAdapter, match="LoRA adapter 'beta-r8' is invalid: adapter_model.safetensors is corrupt"):
         cat.load_tensors("beta-r8")
 

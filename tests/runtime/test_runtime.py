@@ -1,5 +1,6 @@
 """Runtime end to end on CPU: plans against the fp32 reference of each adapter's own files."""
 
+import json
 import time
 import urllib.request
 
@@ -138,11 +139,16 @@ def test_failing_loads_fail_only_their_requests(make_runtime, catalog_dir):
     rt = make_runtime(catalog_dir, max_loras=3)
     refs = _refs(rt.catalog, ["alpha-r4"])
     wfile = catalog_dir / "beta-r8" / "adapter_model.safetensors"
-    with open(wfile, "r+b") as f:
-        f.write(b"\x00" * 8)  # header length 0: not a safetensors file any more
+    with open(wfile, "r+b") as f:  # a NaN in a lora_B: the header is fine (the catalog lists it), the load fails
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        key = next(k for k in sorted(header) if k.endswith("lora_B.weight"))
+        f.seek(8 + n + header[key]["data_offsets"][0])
+        f.write(b"\xff" * 4)
     rt.catalog.refresh()
+    assert "beta-r8" in rt.catalog.names()
     for _ in range(2):  # fails every time, caches nothing
-        with pytest.raises(InvalidAdapter, match="beta-r8.*corrupt"):
+        with pytest.raises(InvalidAdapter, match="beta-r8.*NaN"):
             rt.plan(["beta-r8"])
     with rt.step(["alpha-r4", None], [2, 1]) as plan:
         check_plan(rt, plan, refs)
