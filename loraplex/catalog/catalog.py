@@ -164,7 +164,11 @@ class Catalog(CatalogBase):
             deferred = len(fresh) > self.sync_checks
             fresh_unchecked = set()
             if fresh and not deferred:
-                fresh, fresh_unchecked = self._check_fresh(fresh, items, invalid)
+                fresh, fresh_unchecked, moving = self._check_fresh(fresh, items, invalid)
+                for n in moving:  # rewritten while checked: a listed adapter stays at its listed version
+                    if n in old_entries and n in self._items:  # (whose reads now raise AdapterChanged)
+                        kept[n] = old_entries[n]
+                        items[n] = self._items[n]
             for name, reason in invalid.items():
                 if self._invalid.get(name) != reason:
                     log.warning("skipping LoRA adapter '%s' in %s: %s", name, self.root, reason)
@@ -201,16 +205,18 @@ class Catalog(CatalogBase):
                                                   spec, item.weight_format, item.size_bytes)
             # Items of invalid configs are kept too, so an unchanged bad config is not re-read each time.
             self._items = items
-            # Lock-free get() reads _entries, then _pending: a new entry must be pending before it is
-            # there. Listings read _view, the entries and the held-out names in one.
+            # Lock-free get() reads _entries, then _pending, then _invalid: a new entry must be pending
+            # before it is there, and a name leaving the entries for invalid() must be in invalid() first
+            # (else a get() in between finds it nowhere: AdapterNotFound for an adapter being rewritten).
+            # Listings read _view, the entries and the held-out names in one.
             self._pending = pending
             self._pending_size = len(pending)
+            self._invalid = invalid
             self._entries = entries
             self._hidden = hidden
             self._view = (entries, frozenset(hidden))
             if added or removed or renumbered:  # lock-free readers see the old or the new table, whole
                 self._by_id = dict(self._ids.by_id)
-            self._invalid = invalid
             self._unchecked = unchecked
             self._listed_once = True
             if deferred:
@@ -220,20 +226,21 @@ class Catalog(CatalogBase):
     # ---- the weights check ----------------------------------------------------------------------
     def _check_fresh(self, fresh, items, invalid):
         """Check the (item, spec) of new or changed adapters now: (those to list, those of them that
-        could not be checked)."""
+        could not be checked, the names whose files changed under the check)."""
         verdicts = check_items(self._store, fresh, network=True)
-        passed, unchecked = [], set()
+        passed, unchecked, moving = [], set(), set()
         for item, spec in fresh:
             v = verdicts[item.name]
             if v is CHANGED:
-                items.pop(item.name, None)  # not listed: the next refresh reads what storage holds now
+                items.pop(item.name, None)  # not this version: the next refresh reads what storage holds now
+                moving.add(item.name)
             elif type(v) is str:
                 invalid[item.name] = v
             else:
                 if v is UNCHECKED:
                     unchecked.add(item.name)
                 passed.append((item, spec))
-        return passed, unchecked
+        return passed, unchecked, moving
 
     def _check_batch(self, names, network: bool = False) -> None:
         """Check these pending or unchecked entries and apply the verdicts. Remote reads: ranged ones

@@ -151,3 +151,23 @@ def test_churn_soak(server, tmp_path):
 @pytest.mark.soak
 def test_churn_soak_long(server, tmp_path):
     _soak(server, tmp_path, LONG_SOAK_S)
+
+
+def test_truncated_adapter_is_never_listed(server, tmp_path):
+    """Header intact, data cut: the catalog's weights check keeps it out of /v1/models from the first
+    listing that could see it, and a request for it is refused by name."""
+    import struct
+
+    staged = tmp_path / "trunc"
+    shutil.copytree(server.catalog / "beta-r8", staged)
+    weights = staged / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    header = 8 + struct.unpack("<Q", raw[:8])[0]
+    weights.write_bytes(raw[:header + (len(raw) - header) // 2])
+    os.rename(staged, server.catalog / "trunc")
+    for _ in range(3):  # before and after the server's re-listing interval (1 s)
+        ids = {card["id"] for card in http(server.url + "/v1/models")[1]["data"]}
+        assert "trunc" not in ids and "beta-r8" in ids
+        time.sleep(0.6)
+    status, body = complete(server, "trunc", PROMPT, 4)
+    assert status == 400 and "trunc" in str(body), (status, body)
