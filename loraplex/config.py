@@ -17,7 +17,7 @@ class CatalogConfig:
     catalog_type: str = "memory"
     catalog_path: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.catalog_type not in CATALOG_TYPES:
             raise ConfigError(f"catalog_type must be one of {CATALOG_TYPES}, got {self.catalog_type!r}")
         if self.catalog_type == "storage" and not self.catalog_path:
@@ -50,7 +50,7 @@ class RuntimeConfig:
     unmatched_modules: str = "warn"  # adapter modules no registered target wraps: ignore | warn | error
     upload_mode: str = "staged"  # CUDA: staged (one H2D + device scatter) | direct (one H2D per tensor)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ConfigError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.max_rank < 1:

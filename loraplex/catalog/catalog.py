@@ -6,8 +6,9 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, InvalidAdapter, InvalidAdapterName
 from .base import CatalogBase
@@ -16,10 +17,13 @@ from .ids import IdTable
 from .peft import parse_config_bytes
 from .store import LocalStore, StoredAdapter
 
+if TYPE_CHECKING:
+    from .watch import Watcher
+
 log = logging.getLogger("loraplex.catalog")
 
 
-def _is_url(root) -> bool:
+def _is_url(root: object) -> bool:
     return isinstance(root, str) and "://" in root and not root.startswith("file://")
 
 
@@ -33,11 +37,13 @@ class Catalog(CatalogBase):
 
     catalog_type = "storage"
 
-    def __init__(self, root, *, cache_dir=None, cache_bytes: int = 20 << 30, storage_options=None):
+    def __init__(self, root: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int = 20 << 30, storage_options: dict[str, Any] | None = None) -> None:
+        self._store: Any  # LocalStore or RemoteStore: one duck-typed interface (scan, read_config, ...)
         if _is_url(root):
             from .remote import RemoteStore
 
-            self._store = RemoteStore(root, cache_dir=cache_dir, cache_bytes=cache_bytes,
+            self._store = RemoteStore(str(root), cache_dir=cache_dir, cache_bytes=cache_bytes,
                                       storage_options=storage_options or {})
         else:
             root = os.fspath(root)
@@ -55,7 +61,7 @@ class Catalog(CatalogBase):
         self.refresh()
 
     # ---- keeping current ------------------------------------------------------------------------
-    def refresh(self, names=None) -> CatalogDiff:
+    def refresh(self, names: Iterable[str] | None = None) -> CatalogDiff:
         """Re-list storage; re-read only the configs of adapters whose version changed.
 
         names: only these adapter directories may have changed (what filesystem events reported):
@@ -75,11 +81,14 @@ class Catalog(CatalogBase):
             self._notify(diff)
         return diff
 
-    def _refresh(self, names) -> CatalogDiff:
+    def _refresh(self, names: Iterable[str] | None) -> CatalogDiff:
         with self._lock:
             old_entries = self._entries
             scan_names = getattr(self._store, "scan_names", None)
             if names is None or scan_names is None:
+                items: dict[str, StoredAdapter]
+                check: Mapping[str, StoredAdapter]
+                suspects: Iterable[str]
                 items, invalid = self._store.scan()
                 check, kept, suspects = items, {}, old_entries
             else:
@@ -143,7 +152,7 @@ class Catalog(CatalogBase):
             return CatalogDiff(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
 
     def watch(self, callback: Callable[[CatalogDiff], None] | None = None, interval: float = 2.0, *,
-              events: bool = True, rescan: float = 60.0):
+              events: bool = True, rescan: float = 60.0) -> Watcher:
         """Keep the catalog current in the background; callback(diff) after each change.
 
         Local roots use filesystem events (watchdog) unless events=False: only the adapters an
@@ -155,11 +164,11 @@ class Catalog(CatalogBase):
         return Watcher(self, callback, interval, events=events and not getattr(self._store, "remote", False),
                        rescan=rescan)
 
-    def _held(self, name: str):
+    def _held(self, name: str) -> tuple[Any, StoredAdapter] | None:
         item = self._items.get(name)
         return None if item is None else (self._store, item)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Catalog({self.root!r}, {len(self._entries)} adapters, {len(self._invalid)} invalid)"
 
 
