@@ -52,6 +52,7 @@ typecheck: $(STAMP)
 dist:
 	rm -rf dist $(VENVS)/build
 	$(PYTHON) -m venv $(VENVS)/build
+	$(VENVS)/build/bin/pip install -q --upgrade pip
 	$(VENVS)/build/bin/pip install -q 'build>=1.2' 'twine>=6.1'
 	$(VENVS)/build/bin/python -m build --outdir dist . > $(VENVS)/build.log 2>&1 || { cat $(VENVS)/build.log; exit 1; }
 	@if grep -E '[A-Za-z]*Warning\b|[Dd]eprecat' $(VENVS)/build.log; then \
@@ -64,6 +65,7 @@ dist:
 smoke-wheel:
 	rm -rf $(VENVS)/wheel
 	$(PYTHON) -m venv $(VENVS)/wheel
+	$(VENVS)/wheel/bin/pip install -q --upgrade pip
 	$(VENVS)/wheel/bin/pip install -q torch==2.13.0
 	$(VENVS)/wheel/bin/pip install -q dist/loraplex-*.whl
 	cd "$$(mktemp -d)" && $(CURDIR)/$(VENVS)/wheel/bin/python $(CURDIR)/.ci/smoke_wheel.py $(CURDIR)
@@ -74,6 +76,7 @@ smoke-wheel:
 test-floors:
 	rm -rf $(VENVS)/floors
 	$(PYTHON_FLOOR) -m venv $(VENVS)/floors
+	$(VENVS)/floors/bin/pip install -q --upgrade pip
 	$(PYTHON) .ci/floors.py > $(VENVS)/floors.txt
 	echo 'boto3==1.28.17' >> $(VENVS)/floors.txt
 	$(VENVS)/floors/bin/pip install -q -c $(VENVS)/floors.txt "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
@@ -86,6 +89,7 @@ test-floors:
 test-newest:
 	rm -rf $(VENVS)/newest
 	$(PYTHON) -m venv $(VENVS)/newest
+	$(VENVS)/newest/bin/pip install -q --upgrade pip  # a current resolver: pip 23 backtracks for minutes here
 	PIP_CONSTRAINT=/dev/null $(VENVS)/newest/bin/pip install -q "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
 	$(VENVS)/newest/bin/python .ci/versions.py --newest
 	$(VENVS)/newest/bin/pytest $(PYTEST_WHEEL) $(CPU_SUITE)
