@@ -42,7 +42,7 @@ def main() -> None:
     site = Path(sysconfig.get_paths()["purelib"]).resolve()
     where = Path(loraplex.__file__).resolve()
     check(site in where.parents, f"loraplex imported from the venv's site-packages ({where})")
-    check(checkout is None or checkout not in where.parents, "not from the checkout")
+    check(checkout is None or where.parent != checkout / "loraplex", "not the checkout's source tree")
     check(Path.cwd().resolve() != checkout, "run outside the checkout")
     check(importlib.util.find_spec("vllm") is None, "no vLLM in this environment")
     check(md.version("loraplex") == loraplex.__version__, f"metadata version == __version__ ({loraplex.__version__})")
