@@ -71,14 +71,12 @@ smoke-wheel:
 	cd "$$(mktemp -d)" && $(CURDIR)/$(VENVS)/wheel/bin/python $(CURDIR)/.ci/smoke_wheel.py $(CURDIR)
 
 # Every floor pyproject.toml declares (.ci/floors.py: core, [s3], [watch], transformers, PEFT), on
-# requires-python's floor, then the CPU suite. boto3 is only a hint for pip's resolver: the s3fs
-# floor's aiobotocore pins botocore 1.31.17, and without its boto3 pip walks hundreds of releases.
+# requires-python's floor, then the CPU suite.
 test-floors:
 	rm -rf $(VENVS)/floors
 	$(PYTHON_FLOOR) -m venv $(VENVS)/floors
 	$(VENVS)/floors/bin/pip install -q --upgrade pip
 	$(PYTHON) .ci/floors.py > $(VENVS)/floors.txt
-	echo 'boto3==1.28.17' >> $(VENVS)/floors.txt
 	$(VENVS)/floors/bin/pip install -q -c $(VENVS)/floors.txt "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
 	$(VENVS)/floors/bin/python .ci/versions.py $(VENVS)/floors.txt
 	$(VENVS)/floors/bin/pytest $(PYTEST_WHEEL) $(CPU_SUITE)

@@ -50,7 +50,7 @@ def main() -> None:
     elif len(sys.argv) == 2:
         for line in Path(sys.argv[1]).read_text().splitlines():
             name, _, floor = line.strip().partition("==")
-            if floor and name != "boto3" and release(md.version(name)) != release(floor):
+            if floor and release(md.version(name)) != release(floor):
                 bad.append(f"{name} {md.version(name)} is installed, its floor is {floor}")
     else:
         sys.exit(__doc__)
