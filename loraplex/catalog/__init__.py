@@ -1,5 +1,9 @@
 """The storage catalog: adapters by name on a directory or object store. No GPU, Triton or vLLM here."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from ..config import CatalogConfig
 from .catalog import Catalog
 from .entry import AdapterEntry, CatalogDiff
@@ -7,10 +11,10 @@ from .memory import MemoryCatalog
 from .peft import AdapterSpec, parse_config
 
 
-def open_catalog(config: CatalogConfig | None = None, **kwargs):
+def open_catalog(config: CatalogConfig | None = None, **kwargs: Any) -> Catalog | MemoryCatalog:
     """The catalog a CatalogConfig describes: storage (a path or URL) or memory."""
     config = config or CatalogConfig()
-    if config.catalog_type == "storage":
+    if config.catalog_type == "storage" and config.catalog_path:  # CatalogConfig checked it is set
         return Catalog(config.catalog_path, **kwargs)
     return MemoryCatalog()
 

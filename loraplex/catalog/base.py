@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterChanged, AdapterNotFound, InvalidAdapter
 from .entry import AdapterEntry, CatalogDiff
@@ -13,6 +16,9 @@ from .names import check_name
 from .peft import MAX_CONFIG_BYTES
 from .store import CONFIG_FILE
 from .weights import read_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("loraplex.catalog")
 
@@ -25,10 +31,10 @@ class AdapterFiles:
     weights_path: str
     weight_format: str
     local_dir: str
-    _store: object
-    _item: object
+    _store: Any
+    _item: Any
 
-    def version_now(self):
+    def version_now(self) -> str | None:
         """The version on storage now (None if gone)."""
         return self._store.current_version(self._item, self.local_dir)
 
@@ -39,7 +45,7 @@ class AdapterFiles:
             raise AdapterChanged(self.entry.name, self.entry.version, now)
 
 
-def read_config_dict(name: str, path: str) -> dict:
+def read_config_dict(name: str, path: str) -> dict[str, Any]:
     """The adapter's config file as a dict (the catalog parsed and checked it when it listed it)."""
     import json
 
@@ -60,6 +66,18 @@ class CatalogBase:
     _held(name) -> (store, item) for the version they listed (None if none)."""
 
     root: str
+    _lock: threading.RLock
+    _entries: dict[str, AdapterEntry]
+    _invalid: dict[str, str]
+    _by_id: dict[int, str]
+    _listeners: list[Callable[[CatalogDiff], None]]
+
+    def _held(self, name: str) -> tuple[Any, Any] | None:
+        raise NotImplementedError
+
+    def refresh(self) -> CatalogDiff:
+        """Bring the entries up to date with storage (subclasses say how)."""
+        raise NotImplementedError
 
     # ---- lookup ---------------------------------------------------------------------------------
     @property
@@ -67,15 +85,15 @@ class CatalogBase:
         """(entries, names held out of the listing) as one consistent pair."""
         return self._entries, frozenset()
 
-    def __len__(self):
+    def __len__(self) -> int:
         entries, hidden = self._listing
         return len(entries) - len(hidden)
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         entries, hidden = self._listing
         return name in entries and name not in hidden
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def names(self) -> list[str]:
@@ -115,7 +133,7 @@ class CatalogBase:
         return name
 
     # ---- change listeners -----------------------------------------------------------------------
-    def subscribe(self, listener) -> None:
+    def subscribe(self, listener: Callable[[CatalogDiff], None]) -> None:
         """Call listener(diff) after every change (caches drop stale keys)."""
         self._listeners.append(listener)
 
@@ -130,7 +148,10 @@ class CatalogBase:
     def local_path(self, name: str) -> str:
         """A local directory with the adapter's files (remote adapters are downloaded first)."""
         entry = self.get(name)
-        store, item = self._held(name)
+        held = self._held(name)
+        if held is None:  # removed since get(): the entry's version is gone
+            raise AdapterChanged(name, entry.version, None)
+        store, item = held
         return store.materialize(item, entry.version)
 
     def files(self, name: str, entry: AdapterEntry | None = None) -> AdapterFiles:
@@ -155,7 +176,7 @@ class CatalogBase:
             files.check()
         return files
 
-    def _downloaded(self, entry: AdapterEntry, item) -> None:
+    def _downloaded(self, entry: AdapterEntry, item: Any) -> None:
         """A remote version is on local disk now (a storage catalog checks one it listed unchecked).
         Raises InvalidAdapter if the catalog holds the adapter invalid."""
         if entry.name not in self._entries:
@@ -163,23 +184,26 @@ class CatalogBase:
             if reason is not None:
                 raise InvalidAdapter(entry.name, reason)
 
-    def load_tensors(self, name: str, entry: AdapterEntry | None = None):
+    def load_tensors(self, name: str, entry: AdapterEntry | None = None) -> dict[str, torch.Tensor]:
         """{PEFT key: tensor} of the adapter, validated against its config. Raises AdapterChanged if
         the files changed under the read (call refresh() and retry), never returns a torn mix."""
         return self.load_adapter(name, entry)[2]
 
-    def load_adapter(self, name: str, entry: AdapterEntry | None = None):
+    def load_adapter(self, name: str, entry: AdapterEntry | None = None
+                     ) -> tuple[AdapterEntry, Any, dict[str, torch.Tensor]]:
         """(entry, layout, tensors) for one consistent version of the adapter."""
         entry, _, layout, tensors = self._read(name, entry, with_config=False)
         return entry, layout, tensors
 
-    def load_peft(self, name: str, entry: AdapterEntry | None = None):
+    def load_peft(self, name: str, entry: AdapterEntry | None = None
+                  ) -> tuple[AdapterEntry, dict[str, Any] | None, dict[str, torch.Tensor]]:
         """(entry, config dict, tensors) of one consistent version: what a loader that builds its own
         model (vLLM's LoRAModel) needs, with the weights already checked (shapes, NaN/inf)."""
         entry, config, _, tensors = self._read(name, entry, with_config=True)
         return entry, config, tensors
 
-    def _read(self, name, entry, with_config: bool):
+    def _read(self, name: str, entry: AdapterEntry | None, with_config: bool
+              ) -> tuple[AdapterEntry, dict[str, Any] | None, Any, dict[str, torch.Tensor]]:
         files = self.files(name, entry)
         config = None
         try:

@@ -7,8 +7,9 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, InvalidAdapter, InvalidAdapterName
 from .background import NameQueue
@@ -18,6 +19,9 @@ from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .peft import parse_config_bytes
 from .store import LocalStore, StoredAdapter
+
+if TYPE_CHECKING:
+    from .watch import Watcher
 
 log = logging.getLogger("loraplex.catalog")
 
@@ -36,7 +40,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _is_url(root) -> bool:
+def _is_url(root: object) -> bool:
     return isinstance(root, str) and "://" in root and not root.startswith("file://")
 
 
@@ -70,12 +74,14 @@ class Catalog(CatalogBase):
 
     catalog_type = "storage"
 
-    def __init__(self, root, *, cache_dir=None, cache_bytes: int = 20 << 30, storage_options=None,
-                 sync_checks: int = 256):
+    def __init__(self, root: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int = 20 << 30, storage_options: dict[str, Any] | None = None,
+                 sync_checks: int = 256) -> None:
+        self._store: Any  # LocalStore or RemoteStore: one duck-typed interface (scan, read_config, ...)
         if _is_url(root):
             from .remote import RemoteStore
 
-            self._store = RemoteStore(root, cache_dir=cache_dir, cache_bytes=cache_bytes,
+            self._store = RemoteStore(str(root), cache_dir=cache_dir, cache_bytes=cache_bytes,
                                       storage_options=storage_options or {})
         else:
             root = os.fspath(root)
@@ -103,7 +109,7 @@ class Catalog(CatalogBase):
         self.refresh()
 
     # ---- keeping current ------------------------------------------------------------------------
-    def refresh(self, names=None) -> CatalogDiff:
+    def refresh(self, names: Iterable[str] | None = None) -> CatalogDiff:
         """Re-list storage; re-read only the configs of adapters whose version changed, and run the
         weights check on them (before this returns if at most sync_checks; see the class doc).
 
@@ -124,11 +130,14 @@ class Catalog(CatalogBase):
             self._notify(diff)
         return diff
 
-    def _refresh(self, names) -> CatalogDiff:
+    def _refresh(self, names: Iterable[str] | None) -> CatalogDiff:
         with self._lock:
             old_entries = self._entries
             scan_names = getattr(self._store, "scan_names", None)
             if names is None or scan_names is None:
+                items: dict[str, StoredAdapter]
+                check: Mapping[str, StoredAdapter]
+                suspects: Iterable[str]
                 items, invalid = self._store.scan()
                 check, kept, suspects = items, {}, old_entries
             else:
@@ -242,7 +251,7 @@ class Catalog(CatalogBase):
                 passed.append((item, spec))
         return passed, unchecked, moving
 
-    def _check_batch(self, names, network: bool = False) -> None:
+    def _check_batch(self, names: Iterable[str], network: bool = False) -> None:
         """Check these pending or unchecked entries and apply the verdicts. Remote reads: ranged ones
         for held-out names (and all with network=True); listed ones only from local copies."""
         with self._lock:
@@ -256,7 +265,7 @@ class Catalog(CatalogBase):
                 verdicts.update(check_items(self._store, [(it, e.spec) for it, e in group], network=net))
         self._apply(todo, verdicts)
 
-    def _apply(self, todo, verdicts) -> None:
+    def _apply(self, todo: list, verdicts: Mapping[str, Any]) -> None:
         failed = {}
         with self._lock:
             for _, entry in todo:
@@ -302,7 +311,7 @@ class Catalog(CatalogBase):
         for n, reason in failed.items():
             log.warning("dropping LoRA adapter '%s' in %s: %s", n, self.root, reason)
 
-    def _downloaded(self, entry, item) -> None:
+    def _downloaded(self, entry: AdapterEntry, item: Any) -> None:
         if entry.name in self._unchecked:  # a remote adapter listed unchecked: its local copy is here now
             self._apply([(item, entry)], check_items(self._store, [(item, entry.spec)], network=False))
         super()._downloaded(entry, item)
@@ -337,7 +346,7 @@ class Catalog(CatalogBase):
             return sorted({n for n, listed in self._pending.items() if listed} | self._unchecked)
 
     def watch(self, callback: Callable[[CatalogDiff], None] | None = None, interval: float = 2.0, *,
-              events: bool = True, rescan: float = 60.0):
+              events: bool = True, rescan: float = 60.0) -> Watcher:
         """Keep the catalog current in the background; callback(diff) after each change.
 
         Local roots use filesystem events (watchdog) unless events=False: only the adapters an
@@ -349,11 +358,11 @@ class Catalog(CatalogBase):
         return Watcher(self, callback, interval, events=events and not getattr(self._store, "remote", False),
                        rescan=rescan)
 
-    def _held(self, name: str):
+    def _held(self, name: str) -> tuple[Any, StoredAdapter] | None:
         item = self._items.get(name)
         return None if item is None else (self._store, item)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Catalog({self.root!r}, {len(self._entries)} adapters, {len(self._invalid)} invalid)"
 
 

@@ -35,7 +35,7 @@ class AdapterEntry:
         return self.spec.scaling
 
     @property
-    def target_modules(self):
+    def target_modules(self) -> str | tuple[str, ...]:
         return self.spec.target_modules
 
     @property
@@ -51,7 +51,7 @@ class AdapterEntry:
         return self.spec.use_rslora
 
     @property
-    def base_model_name_or_path(self):
+    def base_model_name_or_path(self) -> str | None:
         return self.spec.base_model_name_or_path
 
     @property
@@ -65,5 +65,5 @@ class CatalogDiff:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed)

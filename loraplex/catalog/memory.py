@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterNotFound, CatalogError, InvalidAdapter, StorageError
 from .base import CatalogBase
@@ -14,8 +16,11 @@ from .check import CHANGED, check_file
 from .entry import AdapterEntry, CatalogDiff
 from .ids import IdTable
 from .names import check_name
-from .peft import parse_config_bytes
+from .peft import AdapterSpec, parse_config_bytes
 from .store import StoredAdapter, read_config_file, stat_adapter_dir
+
+if TYPE_CHECKING:
+    from .watch import Watcher
 
 log = logging.getLogger("loraplex.catalog")
 
@@ -50,7 +55,7 @@ class _DirStore:
         except CatalogError:
             return None
 
-    def check(self, item: StoredAdapter, spec) -> None:
+    def check(self, item: StoredAdapter, spec: AdapterSpec) -> None:
         """The weights check (see catalog.check): InvalidAdapter if it fails, StorageError if the
         files changed under it (register again, or the next refresh reads them)."""
         v = check_file(self.name, spec, item.weights_path, item.weight_format, version=item.version)
@@ -67,7 +72,7 @@ class MemoryCatalog(CatalogBase):
 
     catalog_type = "memory"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.root = "<memory>"
         self._lock = threading.RLock()
         self._entries: dict[str, AdapterEntry] = {}
@@ -76,10 +81,10 @@ class MemoryCatalog(CatalogBase):
         self._invalid: dict[str, str] = {}
         self._ids = IdTable()  # updated in place under the lock
         self._by_id: dict[int, str] = {}  # its published copy, for lock-free get_adapter_name
-        self._listeners = []
+        self._listeners: list[Callable[[CatalogDiff], None]] = []
 
     # ---- registration ---------------------------------------------------------------------------
-    def register(self, name: str, path) -> AdapterEntry:
+    def register(self, name: str, path: str | os.PathLike[str]) -> AdapterEntry:
         """Add or replace adapter `name` from the PEFT directory `path`, validated now (the config and
         the weights check): raises InvalidAdapter naming `name`, and nothing is registered."""
         check_name(name)
@@ -106,7 +111,7 @@ class MemoryCatalog(CatalogBase):
         if had:
             self._notify(CatalogDiff(removed=(name,)))
 
-    def _put(self, store, item, spec) -> None:
+    def _put(self, store: _DirStore, item: StoredAdapter, spec: AdapterSpec) -> None:
         name = store.name
         renumbered = self._ids.add([name])
         self._entries[name] = AdapterEntry(name, self._ids.by_name[name], item.version, store.path, spec,
@@ -116,7 +121,7 @@ class MemoryCatalog(CatalogBase):
             self._sync_ids()
         self._by_id = dict(self._ids.by_id)
 
-    def _drop(self, name) -> bool:
+    def _drop(self, name: str) -> bool:
         if self._entries.pop(name, None) is None:
             return False
         self._items.pop(name)
@@ -136,7 +141,9 @@ class MemoryCatalog(CatalogBase):
         """Re-stat every registered directory: a changed one is re-read and its weights checked
         (changed); one whose files are gone or invalid now leaves the entries (removed) and shows in
         invalid(), and comes back when it is fixed (added)."""
-        added, removed, changed = [], [], []
+        added: list[str] = []
+        removed: list[str] = []
+        changed: list[str] = []
         with self._lock:
             for name, path in list(self._paths.items()):
                 old = self._entries.get(name)
@@ -163,16 +170,17 @@ class MemoryCatalog(CatalogBase):
             self._notify(diff)
         return diff
 
-    def watch(self, callback=None, interval: float = 2.0, *, events: bool = False):
+    def watch(self, callback: Callable[[CatalogDiff], None] | None = None, interval: float = 2.0, *,
+              events: bool = False) -> Watcher:
         """Poll refresh() every `interval` s (registered paths may be anywhere: no events)."""
         from .watch import Watcher
 
         return Watcher(self, callback, interval, events=False)
 
-    def _held(self, name: str):
+    def _held(self, name: str) -> tuple[_DirStore, StoredAdapter] | None:
         return self._items.get(name)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"MemoryCatalog({len(self._entries)} adapters)"
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from ..errors import LaunchError
+
+if TYPE_CHECKING:
+    from ..runtime.plan import BatchPlan
 from .tiles import tile_index
 
 # Read once at import, as Triton reads it when the kernels are defined (set it before importing).
@@ -43,7 +47,8 @@ def require_launchable(device) -> None:
                           "is imported; on plain CPU use LORAPLEX_BACKEND=torch")
 
 
-def plan_tensors(plan, ranks):
+def plan_tensors(plan: BatchPlan, ranks: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plan's device tensors in the order every kernel and custom op takes them."""
     return (plan.sorted_token_ids, plan.tiles, plan.n_tiles, plan.slot_ranks if ranks is None else ranks)
 

@@ -12,16 +12,22 @@ in eager mode the launchers are called directly, to skip the custom-op dispatch 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from ..errors import LaunchError
 from . import checks, reference
 
+if TYPE_CHECKING:
+    from ..runtime.plan import BatchPlan
+
 _BACKENDS = ("triton", "torch")
 
 
-def backend(device=None) -> str:
+def backend(device: torch.device | str | None = None) -> str:
     """The backend used for tensors on `device` (default: CUDA if there is one, else CPU)."""
     forced = os.environ.get("LORAPLEX_BACKEND", "").strip().lower()
     if forced:
@@ -41,7 +47,8 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def sgmv_shrink(x, A, plan, out, scale=1.0, ranks=None):
+def sgmv_shrink(x: Tensor, A: Sequence[Tensor], plan: BatchPlan, out: Tensor, scale: float = 1.0,
+                ranks: Tensor | None = None) -> Tensor:
     """Semantics: out[s, t, :] = scale * x[t] @ A[s][slot(t), :rank(slot(t))]^T for every slice s,
     zero in columns rank..R-1; rows of tokens with slot -1 are left untouched.
 
@@ -66,7 +73,8 @@ def sgmv_shrink(x, A, plan, out, scale=1.0, ranks=None):
     return out
 
 
-def sgmv_expand(h, B, plan, y, add=True, ranks=None):
+def sgmv_expand(h: Tensor, B: Sequence[Tensor], plan: BatchPlan, y: Tensor, add: bool = True,
+                ranks: Tensor | None = None) -> Tensor:
     """Semantics: y[t, off_s : off_s + N_s] = (y[t, off_s : off_s + N_s] if add else 0)
     + h[s, t, :rank] @ B[s][slot(t), :, :rank]^T for every slice s (off_s = N_0 + ... + N_{s-1});
     rows of tokens with slot -1 are left untouched.
@@ -91,7 +99,7 @@ def sgmv_expand(h, B, plan, y, add=True, ranks=None):
     return y
 
 
-def use_fused(num_tokens: int, device, rank: int = 16) -> bool:
+def use_fused(num_tokens: int, device: torch.device, rank: int = 16) -> bool:
     """Decode-sized batches go through the fused kernel: there launch latency dominates. Its h and B
     tiles hold the whole rank in registers, so ranks above fused_max_rank take shrink + expand."""
     from .budget import FUSED_MAX_RANK
@@ -100,7 +108,8 @@ def use_fused(num_tokens: int, device, rank: int = 16) -> bool:
     return num_tokens <= fused_max_tokens(device) and rank <= min(fused_max_rank(device), FUSED_MAX_RANK)
 
 
-def add_lora_linear(y, x, A_list, B_list, plan, ranks=None, buffer=None, scale=1.0):
+def add_lora_linear(y: Tensor, x: Tensor, A_list: Sequence[Tensor], B_list: Sequence[Tensor], plan: BatchPlan,
+                    ranks: Tensor | None = None, buffer: Tensor | None = None, scale: float = 1.0) -> Tensor:
     """Semantics: y[t] += concat_s(scale * x[t] @ A_s[slot(t), :rank]^T @ B_s[slot(t), :, :rank]^T)
     for tokens with an adapter; rows of tokens with slot -1 are left untouched.
 
@@ -126,8 +135,9 @@ def add_lora_linear(y, x, A_list, B_list, plan, ranks=None, buffer=None, scale=1
     return y
 
 
-def _add_lora_linear_triton(y, x, A_list, B_list, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters,
-                            max_active, scale):
+def _add_lora_linear_triton(y: Tensor, x: Tensor, A_list: Sequence[Tensor], B_list: Sequence[Tensor],
+                            buffer: Tensor | None, sorted_ids: Tensor, tiles: Tensor, n_tiles: Tensor, ranks: Tensor,
+                            partials: Tensor | None, counters: Tensor | None, max_active: int, scale: float) -> None:
     """The Triton path of add_lora_linear on checked arguments: fused for decode-sized batches,
     else shrink into the fp32 scratch then expand."""
     # `from .module import run`, not `from . import module`: the kernel modules share their names
@@ -165,7 +175,8 @@ def _(y, x, A, B, buffer, sorted_ids, tiles, n_tiles, ranks, partials, counters,
     return None
 
 
-def add_lora_embedding(y, token_ids, A_emb, B_emb, plan, ranks=None, buffer=None):
+def add_lora_embedding(y: Tensor, token_ids: Tensor, A_emb: Tensor, B_emb: Tensor, plan: BatchPlan,
+                       ranks: Tensor | None = None, buffer: Tensor | None = None) -> Tensor:
     """Semantics: y[t] += A_emb[slot(t), token_ids[t], :rank] @ B_emb[slot(t), :, :rank]^T for tokens
     with an adapter (ids outside [0, V) add nothing); rows of tokens with slot -1 are left untouched.
 

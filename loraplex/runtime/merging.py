@@ -26,8 +26,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +37,9 @@ from ..errors import AdapterChanged, CapacityError, ConfigError, LoraplexError, 
 from .gate import StepGate
 from .merge_policy import MergePolicy
 from .merged import BaseWeight, MergeState, Pristine, check_mergeable, merged_delta, negated
+
+if TYPE_CHECKING:
+    from .targets import LoraTarget
 
 log = logging.getLogger("loraplex.runtime")
 ENV_MERGE = "LORAPLEX_MERGE"
@@ -69,7 +74,7 @@ class MergeMixin:
         self._delta_ratio = 0.0  # largest ||ΔW|| / ||W|| over the merged slices
 
     # ---- binding and inspection -----------------------------------------------------------------
-    def bind_base(self, target, bases) -> None:
+    def bind_base(self, target: LoraTarget, bases: Iterable[BaseWeight | None]) -> None:
         """The base weight each slice of `target` adds to (BaseWeight per slice, None where unknown):
         what merged mode changes. inject() binds every target it creates."""
         bases = list(bases)
@@ -80,7 +85,7 @@ class MergeMixin:
             raise ConfigError("bind_base: give a BaseWeight (or None) per slice")
         self._bases[target.name] = bases
 
-    def merged(self):
+    def merged(self) -> tuple[str, object] | None:
         """(name, version) of the adapter merged into the base weights, or None."""
         m = self._merge
         return None if m is None else m.key
@@ -93,7 +98,7 @@ class MergeMixin:
                 "pending": None if self._pending is None else self._pending.name}
 
     # ---- explicit switch ------------------------------------------------------------------------
-    def merge(self, name: str | None, *, timeout: float | None = None):
+    def merge(self, name: str | None, *, timeout: float | None = None) -> tuple[str, object] | None:
         """Merge adapter `name` (its current version) into the base weights, or unmerge (None). Waits up
         to `timeout` (default load_timeout_s) for running steps; a thread holding a plan cannot switch.
         Turns the automatic policy off. Returns merged(). ConfigError if a module cannot be merged."""

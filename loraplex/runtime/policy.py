@@ -7,8 +7,6 @@ orders. Each tier has its own policy instance: a GPU hit is not a host access.
 
 from __future__ import annotations
 
-import math
-
 
 class EvictionPolicy:
     name = "base"
@@ -76,7 +74,7 @@ class LFUPolicy(EvictionPolicy):
         if s is None:
             return 0.0
         score, last = s
-        return score * math.exp2(-(self._tick - last) / self.half_life)
+        return score * 2.0 ** (-(self._tick - last) / self.half_life)  # math.exp2 needs Python 3.11
 
     def frequency(self, key) -> float:
         return self._aged(key)

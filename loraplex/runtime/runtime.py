@@ -21,9 +21,11 @@ import contextlib
 import logging
 import threading
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +47,14 @@ from .steps import Lease, StepTracker
 from .targets import LoraTarget, SliceSpec
 from .upload import Uploader
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from ..catalog.base import CatalogBase
+    from ..catalog.entry import AdapterEntry, CatalogDiff
+    from .plan import PlanBuffers
+    from .policy import EvictionPolicy
+
 log = logging.getLogger("loraplex.runtime")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PLAN_FIELDS = tuple(f.name for f in fields(BatchPlan))
@@ -62,7 +72,10 @@ class RuntimePlan(BatchPlan):
 
 
 class Runtime(SchedulingMixin, FillMixin, MergeMixin):
-    def __init__(self, catalog, config: RuntimeConfig | None = None, *, metrics_registry=None):
+    """Adapters of `catalog` made resident on demand for the steps of one model (see the module doc)."""
+
+    def __init__(self, catalog: CatalogBase, config: RuntimeConfig | None = None, *,
+                 metrics_registry: CollectorRegistry | None = None) -> None:
         self.catalog = catalog
         self.config = config = config or RuntimeConfig()
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,7 +105,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         self._init_merge()
         ref = weakref.ref(self)
 
-        def on_change(diff, ref=ref):  # a weak link: the catalog must not keep dead runtimes alive
+        # a weak link: the catalog must not keep dead runtimes alive
+        def on_change(diff: CatalogDiff, ref: weakref.ref[Runtime] = ref) -> None:
             rt = ref()
             if rt is not None:
                 rt._on_catalog_change(diff)
@@ -100,10 +114,11 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         catalog.subscribe(on_change)
 
     # ---- targets --------------------------------------------------------------------------------
-    def new_target(self, name: str, slices, kind: str = "linear") -> LoraTarget:
+    def new_target(self, name: str, slices: Iterable[SliceSpec | tuple[str, int, int]], kind: str = "linear"
+                   ) -> LoraTarget:
         """Create (with the config's max_loras, max_rank, dtype, device) and register a target."""
-        slices = [s if isinstance(s, SliceSpec) else SliceSpec(*s) for s in slices]
-        t = LoraTarget(name, slices, kind, self.config.max_loras, self.config.max_rank, self.dtype, self.device)
+        specs = [s if isinstance(s, SliceSpec) else SliceSpec(*s) for s in slices]
+        t = LoraTarget(name, specs, kind, self.config.max_loras, self.config.max_rank, self.dtype, self.device)
         return self.register_target(t)
 
     def register_target(self, target: LoraTarget) -> LoraTarget:
@@ -132,19 +147,19 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
             self.host.clear()  # cached slabs were laid out for the old registry
         return target
 
-    def _layout_for(self, entry, modules):
+    def _layout_for(self, entry: AdapterEntry, modules: Any) -> Any:
         c = self.config
         return plan_layout(entry.name, entry.spec, modules, tuple(self.targets), c.max_rank, self.dtype,
                            c.unmatched_modules, self._generation)
 
     # ---- pins and versions ----------------------------------------------------------------------
-    def _current_version(self, name: str):
+    def _current_version(self, name: str) -> str | None:
         try:
             return self.catalog.get(name).version
         except LoraplexError:
             return None
 
-    def _is_pinned(self, key) -> bool:
+    def _is_pinned(self, key: tuple) -> bool:
         m = self._merge
         if m is not None and key == m.base_key:  # merged mode: the base-model requests' correction
             return True
@@ -206,7 +221,7 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
     def pinned(self) -> list[str]:
         return sorted(self._pinned)
 
-    def _on_catalog_change(self, diff) -> None:
+    def _on_catalog_change(self, diff: CatalogDiff) -> None:
         for name in (*diff.changed, *diff.removed):
             current = self._current_version(name)
             self.loader.cancel_stale(name, current)
@@ -220,8 +235,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         self._merge_catalog_change(diff)
 
     # ---- plans ----------------------------------------------------------------------------------
-    def plan(self, names, tokens=None, *, static: bool = False, timeout: float | None = None,
-             load_timeout: float | None = None) -> RuntimePlan:
+    def plan(self, names: Iterable[str | None], tokens: Sequence[int] | None = None, *, static: bool = False,
+             timeout: float | None = None, load_timeout: float | None = None) -> RuntimePlan:
         """A BatchPlan for requests `names` (None = no adapter) of `tokens` tokens each (default 1),
         every adapter resident; blocks on misses. Release it (release() or `with step(...)`) once the
         step that reads it has been issued. static=True builds into the primary plan buffers (what a
@@ -232,7 +247,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         return self._plan(names, tokens, static, c if load_timeout is None else load_timeout,
                           c if timeout is None else timeout)
 
-    def _plan(self, names, tokens, static: bool, load_timeout: float, slot_timeout: float) -> RuntimePlan:
+    def _plan(self, names: Iterable[str | None], tokens: Sequence[int] | None, static: bool, load_timeout: float,
+              slot_timeout: float) -> RuntimePlan:
         names = list(names)
         if tokens is None:  # one token per request (decode): the per-token slots are the request slots
             n_tokens = len(names)
@@ -255,8 +271,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         self._observe(names, tokens)
         return plan
 
-    def _plan_held(self, names, tokens, n_tokens: int, static: bool, load_timeout: float,
-                   slot_timeout: float) -> RuntimePlan:
+    def _plan_held(self, names: Sequence[str | None], tokens: list[int] | None, n_tokens: int, static: bool,
+                   load_timeout: float, slot_timeout: float) -> RuntimePlan:
         merge = self._merge  # fixed while this plan is active (the step gate)
         distinct = list(dict.fromkeys(n for n in names if n is not None))
         base_key = merge.base_key if merge is not None and None in names else None
@@ -286,7 +302,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
                            request_slots=request_slots, lease=lease, static=static,
                            merged=None if merge is None else merge.key)
 
-    def _build(self, lease: Lease, request_slots, tokens, T: int, n_distinct: int, static: bool) -> BatchPlan:
+    def _build(self, lease: Lease, request_slots: tuple[int, ...], tokens: list[int] | None, T: int,
+               n_distinct: int, static: bool) -> BatchPlan:
         """The step's inputs (slot per token, rank per slot) go through one host block of T + L int32,
         written with numpy (no torch op per request); on CUDA one H2D copy into the plan set's static
         device buffer, then PlanBuffers.build runs on the device without a host sync.
@@ -296,11 +313,12 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         not this step's adapter count (which would silently skip the adapters past it on replay; the
         launchers refuse to be captured with a tighter bound)."""
         ps, L = lease.plan_set, self.config.max_loras
+        assert ps is not None  # _plan gave the lease its plan set
         cuda = self.device.type == "cuda"
         # CUDA: a fresh pinned block per plan. The caching host allocator keeps it until the copy below
         # ran, so the next plan (a static one reuses the same device buffers at once) cannot overwrite
         # inputs that a still-queued copy has yet to read.
-        host = torch.empty(T + L, dtype=torch.int32, pin_memory=True) if cuda else ps.host[:T + L]
+        host = torch.empty(T + L, dtype=torch.int32, pin_memory=True) if cuda else ps.host[:T + L]  # type: ignore[index]
         h = host.numpy()
         if tokens is None:
             h[:T] = request_slots
@@ -309,7 +327,7 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         h[T:] = self.pool.slot_ranks()
         src = host
         if cuda:
-            src = ps.dev[:T + L]
+            src = ps.dev[:T + L]  # type: ignore[index]  # PlanSet: dev on CUDA, host on CPU
             src.copy_(host, non_blocking=True)
             for i in set(lease.slots):  # order this step after the uploads of its slots, and only those
                 fill = self.pool.slots[i].fill
@@ -326,7 +344,8 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
             self._maybe_switch()
 
     @contextlib.contextmanager
-    def step(self, names, tokens=None, **kw):
+    def step(self, names: Iterable[str | None], tokens: Sequence[int] | None = None, **kw: Any
+             ) -> Iterator[RuntimePlan]:
         plan = self.plan(names, tokens, **kw)
         try:
             yield plan
@@ -334,7 +353,7 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
             self.release(plan)
 
     @property
-    def plan_buffers(self):
+    def plan_buffers(self) -> PlanBuffers:
         """The primary PlanBuffers: what plan(..., static=True) builds into (for CUDA graph capture)."""
         return self.steps.primary.buffers
 
@@ -342,12 +361,12 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
         self.steps.reclaim()
 
     # ---- inspection and policy ------------------------------------------------------------------
-    def slot_of(self, name: str):
+    def slot_of(self, name: str) -> int | None:
         """The GPU slot holding the current version of `name`, or None."""
         v = self._current_version(name)
         return None if v is None else self.pool.resident((name, v))
 
-    def set_cache_policy(self, policy, tier: str = "both") -> None:
+    def set_cache_policy(self, policy: str | type[EvictionPolicy] | Any, tier: str = "both") -> None:
         """policy: "lru" | "lfu" | an EvictionPolicy class or factory; tier: "host", "gpu" or "both"."""
         if tier not in ("host", "gpu", "both"):
             raise ValueError(f"tier must be host, gpu or both, got {tier!r}")
@@ -361,7 +380,7 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
                     new.touch(k)
                 obj.policy = new
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         gpu = self.pool.stats()
         gpu["bytes"] = gpu["entries"] * sum(t.nbytes_per_slot for t in self.targets)
         return {
@@ -378,10 +397,10 @@ class Runtime(SchedulingMixin, FillMixin, MergeMixin):
     def close(self) -> None:
         self.loader.shutdown(wait=True)
 
-    def __enter__(self):
+    def __enter__(self) -> Runtime:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -8,31 +8,51 @@ GPU); uploading from the host cache is left to the plan, which needs a slot anyw
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import wait
+from collections.abc import Iterable
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterChanged, CapacityError, LoraplexError, StorageError
+
+if TYPE_CHECKING:
+    from ..catalog.base import CatalogBase
+    from ..config import RuntimeConfig
+    from .host_cache import HostCache
+    from .loader import Loader
+    from .pool import SlotPool
 
 
 class SchedulingMixin:
     """Mixed into Runtime; uses its catalog, host, pool, loader and config."""
 
-    def ensure(self, names) -> dict:
+    if TYPE_CHECKING:  # Runtime's, for type checkers
+        catalog: CatalogBase
+        config: RuntimeConfig
+        host: HostCache
+        pool: SlotPool
+        loader: Loader
+        _watched: dict[str, None]
+        _errors: dict[str, BaseException]
+
+        def _reclaim(self) -> None: ...
+
+    def ensure(self, names: Iterable[str | None]) -> dict[str, str]:
         """{name: "ready" | "loading" | "failed"} without blocking; starts loads of what is missing.
         ready: a plan will not wait for storage. failed: error(name) says why. A load that failed on
         storage or for room (StorageError, CapacityError: transient) is reported failed once, then
         tried again by the next ensure(); invalid files stay failed until a refresh sees a change."""
         return self._ensure(names, fresh=True)
 
-    def _ensure(self, names, fresh: bool) -> dict:
+    def _ensure(self, names: Iterable[str | None], fresh: bool) -> dict[str, str]:
         self._reclaim()
-        out = {}
+        out: dict[str, str] = {}
         for name in dict.fromkeys(n for n in names if n is not None):
             out[name] = self._status(name, fresh=fresh)
             if out[name] == "loading":
                 self._watched[name] = None
         return out
 
-    def poll(self) -> dict:
+    def poll(self) -> dict[str, str]:
         """Progress of the names ensure() reported as loading: {name: status}; final ones are dropped."""
         out = self._ensure(list(self._watched), fresh=False)  # reports a failure once, never retries it
         for name, status in out.items():
@@ -78,15 +98,15 @@ class SchedulingMixin:
                 return "ready"
         return "loading"
 
-    def prefetch(self, names) -> None:
+    def prefetch(self, names: Iterable[str | None]) -> None:
         """Start loading `names` into the host cache (non-blocking)."""
         self.ensure(names)
 
-    def load_many(self, names, timeout: float | None = None) -> dict:
+    def load_many(self, names: Iterable[str | None], timeout: float | None = None) -> dict[str, str]:
         """Load `names` into the host cache, in parallel, blocking: {name: "ready" | "failed"}."""
         timeout = self.config.load_timeout_s if timeout is None else timeout
         status = self.ensure(names)
-        futs = []
+        futs: list[Future] = []
         for name, s in status.items():
             if s == "loading":
                 with contextlib.suppress(LoraplexError):

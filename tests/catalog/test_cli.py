@@ -95,3 +95,41 @@ def test_unusable_root_exits_2(tmp_path, cmd):
 def test_usage_errors():
     r = run_cli("catalog")
     assert r.returncode == 2 and "usage: loraplex catalog" in r.stderr
+
+
+def test_validate_progress_on_a_terminal_only(catalog_dir):
+    """A progress bar on stderr when it is a terminal (a pty here); nothing extra when piped."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "catalog", "validate", str(catalog_dir)],
+                            stdout=subprocess.PIPE, stderr=slave, cwd=REPO, text=True)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "reading weights:" in shown.decode() and "/3 [" in shown.decode()
+    assert out.splitlines()[-1] == f"3 valid, 0 invalid in {catalog_dir} (3 with weights read)"
+    piped = run_cli("catalog", "validate", catalog_dir)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert piped.stdout == out
+
+
+def test_version():
+    import loraplex
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout == f"loraplex {loraplex.__version__}\n"

@@ -99,13 +99,15 @@ class Recorder:
             b = interpreter.InterpreterBuilder
             load, store = b.create_masked_load, b.create_masked_store
 
-            def checked_load(self_, ptrs, mask, other, cache_policy, is_volatile):
+            # The builder's trailing arguments differ between Triton releases (3.6 takes a cache
+            # modifier and an eviction policy, 3.9 one cache policy): pass them through as given.
+            def checked_load(self_, ptrs, mask, *args, **kwargs):
                 _check(ptrs, mask, "load")
-                return load(self_, ptrs, mask, other, cache_policy, is_volatile)
+                return load(self_, ptrs, mask, *args, **kwargs)
 
-            def checked_store(self_, ptrs, value, mask, cache_policy):
+            def checked_store(self_, ptrs, value, mask, *args, **kwargs):
                 _check(ptrs, mask, "store")
-                return store(self_, ptrs, value, mask, cache_policy)
+                return store(self_, ptrs, value, mask, *args, **kwargs)
 
             monkeypatch.setattr(b, "create_masked_load", checked_load)
             monkeypatch.setattr(b, "create_masked_store", checked_store)
