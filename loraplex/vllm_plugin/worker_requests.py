@@ -43,6 +43,9 @@ class RequestsMixin:
 
     # ---- binding requests to versions -----------------------------------------------------------
     def _bind(self, req_id: str, req) -> tuple:
+        bound = self.ledger.key_of(req_id)
+        if bound is not None:  # announced, and now scheduled: bound (and failed, if it did) once
+            return bound
         key = self._key(req)
         if self.ledger.hold(req_id, key):
             self._host.hold(key)
@@ -78,6 +81,7 @@ class RequestsMixin:
                 self._queued[req_id] = req
         started = self._load_ahead(now_loading)
         self._upload_ahead()
+        self._residency.publish()  # the held versions changed (also while the engine is paused)
         return started
 
     def on_step(self, scheduler_output) -> None:

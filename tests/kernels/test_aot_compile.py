@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_kernels_compile_for_sm90_within_resources():
+    if os.environ.get("LORAPLEX_AOT", "1") == "0":
+        # CI compiles once per run, in its floors lane: Triton 3.6, the GPU machine's (.ci/run)
+        pytest.skip("LORAPLEX_AOT=0: the sm_90 compile runs in another CI lane")
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -90,7 +90,8 @@ def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, e
     catalog = tmp_path_factory.mktemp(label) / "catalog"
     shutil.copytree(adapter_source, catalog)
     mp = pytest.MonkeyPatch()
-    for key, value in {"LORAPLEX_CATALOG": str(catalog), "LORAPLEX_BACKEND": "torch",
+    state = tmp_path_factory.mktemp(label + "-state")  # the plugin's state dir: this engine's alone
+    for key, value in {"LORAPLEX_CATALOG": str(catalog), "LORAPLEX_BACKEND": "torch", "LORAPLEX_STATE_DIR": str(state),
                        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in this process: starts in seconds
                        "VLLM_CPU_KVCACHE_SPACE": "1", **dict(env)}.items():
         mp.setenv(key, value)

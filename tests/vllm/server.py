@@ -58,8 +58,8 @@ def serve(model_dir, adapter_source, root, args=(), env=()):
     port = free_port()
     full_env = dict(os.environ, LORAPLEX_BACKEND="torch", VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1",
                     **dict(env))
-    full_env.pop("LORAPLEX_REFRESH_INTERVAL", None)
-    full_env.pop("LORAPLEX_CATALOG", None)
+    for leaked in ("LORAPLEX_REFRESH_INTERVAL", "LORAPLEX_CATALOG", "LORAPLEX_STATE_DIR"):  # the server's own
+        full_env.pop(leaked, None)
     cmd = [sys.executable, "-m", "loraplex.vllm_plugin.serve", model_dir,
            "--lora-catalog-type", "storage", "--lora-catalog-path", str(catalog),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
