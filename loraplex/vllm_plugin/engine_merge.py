@@ -65,6 +65,17 @@ class MergeControl:
         if not self._switch(request):
             raise ConfigError(f"{ENV_MERGE}={name!r}: the adapter could not be merged (the workers' log says why)")
 
+    def merge_now(self, name: str | None) -> dict:
+        """Merge catalog adapter `name` (its current version) now, or unmerge (None): an explicit
+        switch, which turns the automatic policy off. ConfigError if it cannot be merged."""
+        self.policy = None
+        self.pending = False
+        request = None if name is None else _catalog().request(name)
+        if not self._switch(request):
+            raise ConfigError(f"LoRA adapter '{name}' could not be merged; it is served unmerged (the workers' log "
+                              f"says why)")
+        return self.stats()
+
     def ask(self, request) -> None:
         """Switch to `request` (None: unmerge) before the next step."""
         self.target, self.pending = request, True
@@ -86,7 +97,7 @@ class MergeControl:
             self.failures += 1
             log.warning("loraplex: merging LoRA adapter '%s' failed, serving unmerged: %s",
                         getattr(request, "lora_name", None), e)
-            rpc(_on_worker, args=("merge_switch", None))  # every worker the same; if this fails, the engine must
+            rpc(_on_worker, args=("merge_switch", None))  # every worker the same (if even this fails: stop)
             self.merged = None
             return request is None
         self.merged = request
@@ -163,6 +174,37 @@ def control_of(core) -> MergeControl | None:
     return getattr(core, "_loraplex_merge", None)
 
 
+def _loraplex_merge(self, name):
+    """EngineCore utility (merge_adapter below): switch the merged adapter between two steps."""
+    control = control_of(self)
+    if control is None:
+        raise ConfigError("merged mode is off: start vLLM with LORAPLEX_MERGE=<name> or LORAPLEX_MERGE_AUTO=1")
+    return control.merge_now(name)
+
+
+def _loraplex_merge_state(self):
+    control = control_of(self)
+    return None if control is None else control.stats()
+
+
+def merge_adapter(llm, name: str | None) -> dict:
+    """Merge catalog adapter `name` into the base weights of a vllm.LLM's engine now (None: unmerge);
+    turns the automatic policy off. Returns {"merged": [name, lora id] | None, "switches", ...}."""
+    return _utility(llm, "loraplex_merge", name)
+
+
+def merge_state(llm) -> dict | None:
+    """The engine core's merged adapter and switch counts (None: merged mode is off)."""
+    return _utility(llm, "loraplex_merge_state")
+
+
+def _utility(llm, method, *args):
+    client = llm.llm_engine.engine_core
+    if hasattr(client, "call_utility"):  # the engine core in its own process
+        return client.call_utility(method, *args)
+    return getattr(client.engine_core, method)(*args)  # in this process
+
+
 # ---- the hooks ---------------------------------------------------------------------------------------
 def _wrap_init(orig):
     def __init__(self, *args, **kwargs):
@@ -214,6 +256,8 @@ def patch_engine_core(module) -> None:
     wrap(module.EngineCore, "__init__", _wrap_init)
     for name in ("step", "step_with_batch_queue"):
         wrap(module.EngineCore, name, _wrap_step)
+    module.EngineCore.loraplex_merge = _loraplex_merge
+    module.EngineCore.loraplex_merge_state = _loraplex_merge_state
 
 
 def patch_scheduler(module) -> None:
@@ -228,8 +272,12 @@ def unpatch(core_module, scheduler_module) -> None:
     if core_module is not None:
         for name in ("__init__", "step", "step_with_batch_queue"):
             unwrap(core_module.EngineCore, name)
+        for name in ("loraplex_merge", "loraplex_merge_state"):
+            if name in vars(core_module.EngineCore):
+                delattr(core_module.EngineCore, name)
     if scheduler_module is not None:
         unwrap(scheduler_module.Scheduler, "schedule")
 
 
-__all__ = ["MergeControl", "control_of", "patch_engine_core", "patch_scheduler", "unpatch"]
+__all__ = ["MergeControl", "control_of", "merge_adapter", "merge_state", "patch_engine_core", "patch_scheduler",
+           "unpatch"]
