@@ -142,6 +142,7 @@ class MergeMixin:
         self._refill_after_switch()
         if cuda:
             torch.cuda.synchronize(self.device)  # steps on any stream see the new weights
+        self._residency.publish()
         log.info("loraplex: merged LoRA adapter: %s (switch %.1f ms, pristine copies %.1f MiB)",
                  None if new is None else f"{new.request.lora_name} (id {new.request.lora_int_id})",
                  1e3 * (time.perf_counter() - t0), self._merger.pristine_bytes / 2**20)
