@@ -44,6 +44,7 @@ class MergeControl:
         self.core = core
         self.settings = merge_settings
         self.policy = MergePolicy(merge_settings.auto) if merge_settings.auto is not None else None
+        self.pinned = merge_settings.pinned  # the name whose new versions are merged as they appear
         self.merged = None  # the LoRARequest every worker has merged
         self.pending = False
         self.target = None  # the LoRARequest to merge at the next step boundary (None: unmerge)
@@ -70,6 +71,7 @@ class MergeControl:
         switch, which turns the automatic policy off. ConfigError if it cannot be merged."""
         self.policy = None
         self.pending = False
+        self.pinned = name
         request = None if name is None else _catalog().request(name)
         if not self._switch(request):
             raise ConfigError(f"LoRA adapter '{name}' could not be merged; it is served unmerged (the workers' log "
@@ -140,9 +142,11 @@ class MergeControl:
             return self._latest.get(name)
 
     def _maybe_republished(self, lora) -> None:
-        """A request for the merged name on another version: merge that version if it is the current one."""
+        """A request for the merged name (or the pinned one, while not merged) on another version: merge
+        that version if it is the current one."""
         merged = self.target if self.pending else self.merged
-        if merged is None or lora.lora_name != merged.lora_name or lora.lora_int_id == merged.lora_int_id \
+        name = self.pinned if merged is None else merged.lora_name
+        if lora.lora_name != name or (merged is not None and lora.lora_int_id == merged.lora_int_id) \
                 or lora.lora_int_id in self._compared:
             return
         self._compared.add(lora.lora_int_id)
@@ -206,28 +210,56 @@ def _utility(llm, method, *args):
 
 
 # ---- the hooks ---------------------------------------------------------------------------------------
+def setup(core, at_start: bool = True) -> None:
+    """Once per engine core, before its first step: the scheduler's adapter count and the pinned merge.
+    at_start: a pinned adapter that cannot be merged stops the start (else it is logged, and served
+    unmerged)."""
+    if getattr(core, "_loraplex_merge_setup", False):
+        return
+    core._loraplex_merge_setup = True
+    s = settings()
+    scheduler = getattr(core, "scheduler", None)
+    if not s.enabled or getattr(scheduler, "lora_config", None) is None:
+        return
+    lora = scheduler.lora_config
+    if lora.max_loras < 2:
+        raise ConfigError("merged mode needs --max-loras >= 2: base-model requests take one slot for the "
+                          "merged adapter's correction")
+    fewer = copy.copy(lora)
+    object.__setattr__(fewer, "max_loras", lora.max_loras - 1)
+    scheduler.lora_config = fewer  # the scheduler's copy only
+    control = core._loraplex_merge = MergeControl(core, s)
+    scheduler._loraplex_merge = control
+    try:
+        control.start()
+    except ConfigError:
+        if at_start:
+            raise
+        log.exception("loraplex: merged mode: the pinned adapter could not be merged; serving unmerged")
+
+
+# vLLM loads plugins inside EngineCore.__init__: in an engine-core process that constructor is already
+# running when the plugin wraps it, so the setup also runs when the busy loop starts (still before any
+# request), and, as a last resort, before the first step.
 def _wrap_init(orig):
     def __init__(self, *args, **kwargs):
         orig(self, *args, **kwargs)
-        s = settings()
-        if not s.enabled or getattr(self.scheduler, "lora_config", None) is None:
-            return
-        lora = self.scheduler.lora_config
-        if lora.max_loras < 2:
-            raise ConfigError("merged mode needs --max-loras >= 2: base-model requests take one slot for the "
-                              "merged adapter's correction")
-        fewer = copy.copy(lora)
-        object.__setattr__(fewer, "max_loras", lora.max_loras - 1)
-        self.scheduler.lora_config = fewer  # the scheduler's copy only
-        control = self._loraplex_merge = MergeControl(self, s)
-        self.scheduler._loraplex_merge = control
-        control.start()
+        setup(self)
 
     return __init__
 
 
+def _wrap_busy_loop(orig):
+    def run_busy_loop(self, *args, **kwargs):
+        setup(self)
+        return orig(self, *args, **kwargs)
+
+    return run_busy_loop
+
+
 def _wrap_step(orig):
     def step(self, *args, **kwargs):
+        setup(self, at_start=False)
         control = control_of(self)
         if control is not None:
             control.before_step()
@@ -250,12 +282,19 @@ def _wrap_schedule(orig):
     return schedule
 
 
+def _busy_loop_classes(module) -> list:
+    return [c for c in vars(module).values()
+            if isinstance(c, type) and issubclass(c, module.EngineCore) and "run_busy_loop" in vars(c)]
+
+
 def patch_engine_core(module) -> None:
     from ._hooks import wrap
 
     wrap(module.EngineCore, "__init__", _wrap_init)
     for name in ("step", "step_with_batch_queue"):
         wrap(module.EngineCore, name, _wrap_step)
+    for cls in _busy_loop_classes(module):
+        wrap(cls, "run_busy_loop", _wrap_busy_loop)
     module.EngineCore.loraplex_merge = _loraplex_merge
     module.EngineCore.loraplex_merge_state = _loraplex_merge_state
 
@@ -272,6 +311,8 @@ def unpatch(core_module, scheduler_module) -> None:
     if core_module is not None:
         for name in ("__init__", "step", "step_with_batch_queue"):
             unwrap(core_module.EngineCore, name)
+        for cls in _busy_loop_classes(core_module):
+            unwrap(cls, "run_busy_loop")
         for name in ("loraplex_merge", "loraplex_merge_state"):
             if name in vars(core_module.EngineCore):
                 delattr(core_module.EngineCore, name)
