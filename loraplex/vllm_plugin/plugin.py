@@ -237,7 +237,7 @@ def install_worker_manager() -> None:
             module.LRUCacheWorkerLoRAManager = LoraplexWorkerLoRAManager
 
     def patch_runner(module):
-        from .worker_manager import patch_model_runner
+        from .runner_patch import patch_model_runner
 
         patch_model_runner(module)
 
@@ -308,7 +308,7 @@ def unregister() -> None:
 
             uninstall_cpu_weights()
         if any(name in sys.modules for name in RUNNER_MODULES):
-            from .worker_manager import unpatch_model_runners
+            from .runner_patch import unpatch_model_runners
 
             unpatch_model_runners()
         if ERRORS_MODULE in sys.modules or CHECK_MODULE in sys.modules:

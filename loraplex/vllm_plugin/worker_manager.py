@@ -133,6 +133,10 @@ class LoraplexWorkerLoRAManager(MergeMixin, RequestsMixin, CatalogMixin, LRUCach
         return model
 
     def remove_all_adapters(self):
+        if self._merged is not None:  # vLLM does this after replacing base weights (reload_weights)
+            log.error("loraplex: vLLM reset its LoRA state while '%s' is merged into the base weights; merged mode "
+                      "does not support weight updates: unmerge first (merge_adapter(llm, None))",
+                      self._merged.request.lora_name)
         super().remove_all_adapters()  # vLLM's warm-up ends with this: the pinned ones come back from host memory
         self._pin_from_env()
         self._residency.publish()
@@ -394,36 +398,3 @@ def call_worker_manager(llm, method: str, *args, **kwargs) -> list:
     call_worker_manager(llm, "prefetch_adapter", "my-adapter"); returns one result per worker.
     (Multi-process engines need VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the call.)"""
     return llm.collective_rpc(_invoke, args=(method, args, kwargs))
-
-
-def _wrap_execute_model(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        manager = getattr(self, "lora_manager", None)
-        if isinstance(manager, LoraplexWorkerLoRAManager):
-            manager.on_step(scheduler_output)
-        return orig(self, scheduler_output, *args, **kwargs)
-
-    return execute_model
-
-
-def patch_model_runner(module) -> None:
-    """Every step's scheduler output reaches the ledger before the runner takes it in."""
-    from ._hooks import wrap
-    from .worker_merge import patch_dispatch
-
-    wrap(module.GPUModelRunner, "execute_model", _wrap_execute_model)
-    patch_dispatch(module)
-
-
-def unpatch_model_runners() -> None:
-    import sys
-
-    from ._hooks import unwrap
-    from .plugin import RUNNER_MODULES
-    from .worker_merge import unpatch_dispatch
-
-    for name in RUNNER_MODULES:
-        module = sys.modules.get(name)
-        if module is not None:
-            unwrap(module.GPUModelRunner, "execute_model")
-            unpatch_dispatch(module)
