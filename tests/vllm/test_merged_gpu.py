@@ -30,7 +30,8 @@ pytestmark = pytest.mark.gpu
 def _pieces(slab, module="m0"):
     a = next(p for p in slab.layout.pieces if p.module == module and p.which == "A")
     b = next(p for p in slab.layout.pieces if p.module == module and p.which == "B")
-    return piece_view(slab.buffer, a, slab.layout.dtype, None)[0], piece_view(slab.buffer, b, slab.layout.dtype, None)[0]
+    dtype = slab.layout.dtype
+    return piece_view(slab.buffer, a, dtype, None)[0], piece_view(slab.buffer, b, dtype, None)[0]
 
 
 def test_correction_uploads_and_graph_replay_across_switches():
