@@ -11,9 +11,13 @@ pristine host copy taken before the first change (runtime/merged.Pristine), neve
 
 Only plain float weights of vLLM's UnquantizedLinearMethod can be merged: quantized layers (fp8, AWQ,
 GPTQ, ...) keep their weights in their own formats, and an adapter on embeddings, lm_head or layers the
-slabs do not cover keeps its LoRA path; both are refused with the module named. On the CPU platform
-vLLM repacks linear weights for its GEMM and drops `weight`; in merged mode the plugin keeps them as
-plain tensors (install_cpu_weights), which is what lets a merge write them in place, as on CUDA.
+slabs do not cover keeps its LoRA path; both are refused with the module named.
+
+The CPU platform: vLLM packs each linear weight into an opaque GEMM handle (oneDNN, or sgl's packed
+format) and drops `weight`. With merged mode configured (install_cpu_weights), an eager engine keeps the
+plain weight beside the handle (`_loraplex_weight`, the bytes of the linear weights once more) and a
+switch repacks the layers it changed; a compiled one (torch.compile may bake the handle into its graph)
+runs torch's linear on the plain weight instead, which a merge writes in place, as on CUDA.
 """
 
 from __future__ import annotations
@@ -51,13 +55,31 @@ def why_not_mergeable(layer, kind: str | None) -> str | None:
     if method is None or not _unquantized(method):
         return (f"has quantized base weights ({type(method).__name__}): fp8, AWQ, GPTQ and other formats cannot "
                 f"take a merged delta")
-    w = getattr(base, "weight", None)
+    w = plain_weight(base)
     if w is None or type(w.data) is not torch.Tensor or w.dim() != 2 or w.dtype not in FLOAT_WEIGHTS:
         return (f"has a base weight that is not a plain float matrix ({None if w is None else type(w.data).__name__}"
                 f" {None if w is None else w.dtype} {None if w is None else list(w.shape)})")
     if sum(layer.output_slices) != w.shape[0]:
         return f"has output slices {list(layer.output_slices)} that do not tile its weight's {w.shape[0]} rows"
     return None
+
+
+def plain_weight(base):
+    """The [out, in] weight a merge writes: the layer's own, or the plain copy kept beside a CPU GEMM handle."""
+    kept = getattr(base, "_loraplex_weight", None)
+    return kept if kept is not None else getattr(base, "weight", None)
+
+
+def repack(base) -> None:
+    """A CPU layer whose GEMM handle was packed from its plain weight: pack it again (after a merge or a
+    restore wrote the plain weight)."""
+    kept = getattr(base, "_loraplex_weight", None)
+    if kept is None:
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    base.weight = torch.nn.Parameter(kept, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(base, remove_weight=True)
 
 
 def check_layers(targets, modules=None) -> None:
@@ -112,11 +134,12 @@ class BaseMerger:
         self.targets = targets
         self.pristine = Pristine(pin=pin)
         self.delta_ratio = 0.0  # largest ||dW|| / ||W|| over the merged slices
+        self._changed: set = set()  # (module, slice) merged now
 
     def _weight(self, module: str, si: int) -> torch.Tensor:
         layer = self.targets.manager.modules[module]
         lo = sum(layer.output_slices[:si])
-        return layer.base_layer.weight.data[lo:lo + layer.output_slices[si]]
+        return plain_weight(layer.base_layer).data[lo:lo + layer.output_slices[si]]
 
     def check(self, name: str, correction: VllmSlab) -> None:
         """ConfigError naming the adapter and module unless every module it targets can be merged and
@@ -138,10 +161,11 @@ class BaseMerger:
         """Restore every slice changed before (bit for bit), then merge `correction` (a negated slab:
         W - (-B) @ A), or leave the weights unmerged (None). On failure everything is restored."""
         dtype = None if correction is None else correction.layout.dtype
+        pairs = {} if correction is None else slices_of(correction)
+        touched = {m for m, _ in self._changed} | {m for m, _ in pairs}
         try:
             with torch.no_grad():
                 self.pristine.restore()
-                pairs = {} if correction is None else slices_of(correction)
                 self.pristine.keep_only(pairs)
                 ratio = 0.0
                 for (module, si), (a, b) in pairs.items():
@@ -153,12 +177,17 @@ class BaseMerger:
                     ratio = max(ratio, float(d.norm() / w32.norm().clamp_min(1e-30)))
                     w.copy_(w32 - d)  # rounded once into the weight's dtype
                 self.delta_ratio = ratio
+                self._changed = set(pairs)
         except BaseException:
             with torch.no_grad():
                 self.pristine.restore()
                 self.pristine.keep_only(())
             self.delta_ratio = 0.0
+            self._changed = set()
             raise
+        finally:
+            for module in touched:
+                repack(self.targets.manager.modules[module].base_layer)
 
     @property
     def pristine_bytes(self) -> int:
@@ -169,18 +198,31 @@ class BaseMerger:
 LINEAR_MODULE = "vllm.model_executor.layers.linear"
 
 
+def _eager() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    mode = getattr(getattr(config, "compilation_config", None), "mode", None)
+    return config is not None and int(mode or 0) == 0
+
+
 def _wrap_process_weights(orig):
     def process_weights_after_loading(self, layer):
-        # vLLM's CPU GEMM would repack the weight into an opaque handle and drop it; with its own
-        # opt-out flag the layer keeps `weight` and runs torch's linear on it
-        layer._cpu_skip_gemm_dispatch = True
-        return orig(self, layer)
+        weight = getattr(layer, "weight", None)
+        if not _eager():
+            # vLLM's opt-out flag: the layer keeps `weight` and runs torch's linear on it
+            layer._cpu_skip_gemm_dispatch = True
+            return orig(self, layer)
+        out = orig(self, layer)
+        if weight is not None and getattr(layer, "weight", None) is not weight and weight.dim() == 2:
+            layer._loraplex_weight = weight.data  # packed into a handle, and dropped: keep it for merges
+        return out
 
     return process_weights_after_loading
 
 
 def install_cpu_weights(module) -> None:
-    """On the CPU platform with merged mode configured: linear layers keep plain weights."""
+    """On the CPU platform with merged mode configured: linear layers keep their plain weights."""
     from vllm.platforms import current_platform
 
     from ._hooks import wrap
