@@ -4,7 +4,7 @@ base model alone. vLLM's own benchmark client, the toy Llama and catalog of benc
 Servers (same vLLM flags, --max-lora-rank 32: the catalog's ranks 8-16 plus a merged rank of 16):
   plain    no merged mode
   merged   LORAPLEX_MERGE=<hot adapter>
-Scenarios per server, in this order, after a warm-up:
+Scenarios per server, after a warm-up, in this order rotated by one every round:
   base     every request on the base model (plain: "the base model alone"; merged: base requests pay
            the merged adapter's correction)
   hot100   every request on the hot adapter
@@ -78,7 +78,8 @@ def run_server(system, a, model, catalog, hot, others, rnd, work, deadline) -> l
         srv.start(timeout=min(a.startup_timeout, deadline - time.time()))
         srv.complete(str(model))
         srv.complete(hot)
-        for sc in SCENARIOS[system]:
+        scs = SCENARIOS[system]
+        for sc in scs[rnd % len(scs):] + scs[:rnd % len(scs)]:  # the first run after startup rotates
             result = work / f"r{rnd}-{system}-{sc}.json"
             result.unlink(missing_ok=True)
             (work / "runs.json").write_text(json.dumps([client_argv(port, model, lora_list(sc, hot, others), a,
