@@ -108,7 +108,7 @@ stage hazards 90 $PY -m pytest -v -m gpu tests/kernels/test_gpu.py tests/vllm/te
 # correctness at real shapes and CUDA-graph replay (kernels), device plans, overlapped uploads (runtime);
 # no -x: every test runs; pytest-timeout bounds each test; -v so a stopped run still shows each outcome
 stage tests 150 $PY -m pytest -v -m gpu tests/runtime/test_gpu.py tests/runtime/test_merged_gpu.py tests/kernels/test_gpu.py \
-  tests/vllm/test_slab_upload_gpu.py -k "not ($HAZARDS)" -p no:cacheprovider -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
+  tests/vllm/test_slab_upload_gpu.py tests/vllm/test_merged_gpu.py -k "not ($HAZARDS)" -p no:cacheprovider -rfE --durations=10 --junitxml="$R/gpu_tests.xml" $TESTS_ARGS
 
 # kernel configs for this GPU (bench/tune.py): compiles its candidates in parallel, then a coordinate
 # search over the decode step's LoRA, decode first; stops at the stage's deadline with what it found

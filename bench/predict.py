@@ -7,7 +7,9 @@ with vLLM's kernels compiled for sm_90 for their registers, shared memory and SA
 launches (bench/paper_loraplex.py) take their round trips from the compiled SASS: the table lines of
 `python -m tests.kernels.aot_compile --ranks 16 --table FILE` (chain=, chain_pdl=, arrival=, instr=).
 
-    python bench/predict.py [--before OLD_TABLE] [--after NEW_TABLE] [--out DIR]
+    python bench/predict.py [--before OLD_TABLE] [--after NEW_TABLE] [--out DIR] [--merged]
+
+--merged: merged mode's scenarios instead (bench/predict_merged.py: one adapter merged, 90/10 mixes).
 
 --after defaults to compiling this tree's kernels now; --before (a table made the same way in a checkout
 of the old commit) adds the "before" rows. Scenarios: PDL overlapping every LoRA launch, or none after
@@ -302,8 +304,13 @@ def main(argv=None):
     ap.add_argument("--before", help="aot_compile --table of the old kernels (optional)")
     ap.add_argument("--after", help="aot_compile --table of these kernels (default: compile now)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--merged", action="store_true", help="merged mode's scenarios (predict_merged.py)")
     a = ap.parse_args(argv)
     P, base, facts, cal = calibrated(a.shared, a.after)
+    if a.merged:
+        import predict_merged
+
+        return predict_merged.main(["--out", a.out], (P, base, facts, cal))
     print(f"calibration: {cal['rows']} vLLM rows, |err| median {cal['median']:.0%} p90 {cal['p90']:.0%} max "
           f"{cal['max']:.0%}; step kept |err| median {cal['step_median']:.1%} max {cal['step_max']:.1%}")
     print("params: " + ", ".join(f"{k}={v:.3g}" for k, v in P.items()))

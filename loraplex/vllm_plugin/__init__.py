@@ -28,6 +28,14 @@ def lora_request(name):
     return _lora_request(name)
 
 
+def merge_adapter(llm, name):
+    """Merge catalog adapter `name` into the base weights of a vllm.LLM now (None: unmerge); needs
+    LORAPLEX_MERGE or LORAPLEX_MERGE_AUTO at startup (docs/architecture.md, merged mode)."""
+    from .engine_merge import merge_adapter as _merge_adapter
+
+    return _merge_adapter(llm, name)
+
+
 def serve_main(argv=None):
     """`loraplex serve MODEL --lora-catalog-type storage --lora-catalog-path PATH [vLLM args]`."""
     from .serve import serve_main as _serve_main
@@ -35,4 +43,4 @@ def serve_main(argv=None):
     return _serve_main(argv)
 
 
-__all__ = ["lora_request", "register", "serve_main", "unregister"]
+__all__ = ["lora_request", "merge_adapter", "register", "serve_main", "unregister"]

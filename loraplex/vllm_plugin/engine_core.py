@@ -9,6 +9,8 @@ requests whose version is lost without stopping the engine.
   the tokens of this step, their KV blocks leave the prefix cache (computed without their adapter,
   they must never be reused), and they finish with vLLM's error status; every other request and the
   engine go on.
+- Merged mode (engine_merge.py): the engine core decides which adapter version is merged and switches
+  every worker between two steps.
 """
 
 from __future__ import annotations
@@ -110,13 +112,24 @@ def _fail(scheduler, failed: dict, outputs: dict) -> None:
 
 
 def patch_engine_core(module) -> None:
+    from . import engine_merge
+
     wrap(module.EngineCore, "add_request", _wrap_add_request)
+    engine_merge.patch_engine_core(module)
 
 
 def patch_scheduler(module) -> None:
+    from . import engine_merge
+
     wrap(module.Scheduler, "update_from_output", _wrap_update_from_output)
+    engine_merge.patch_scheduler(module)
 
 
 def unpatch() -> None:
+    import sys
+
+    from . import engine_merge
+
     unwrap_loaded(CORE_MODULE, "EngineCore", "add_request")
     unwrap_loaded(SCHEDULER_MODULE, "Scheduler", "update_from_output")
+    engine_merge.unpatch(sys.modules.get(CORE_MODULE), sys.modules.get(SCHEDULER_MODULE))

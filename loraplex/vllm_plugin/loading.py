@@ -53,14 +53,22 @@ def _check_modules(name, tensors, expected, peft_helper, weights_mapper, skip_pr
 
 
 def _peft_helper(name: str, config: dict, lora_config, max_position_embeddings=None):
-    """vLLM's parsed config of the adapter, after vLLM's own checks (rank limit, features)."""
+    """vLLM's parsed config of the adapter, after vLLM's own checks (rank limit, features). In merged
+    mode the rank limit is what a served adapter may have (merge_config.py), in the API server and the
+    workers alike."""
     from vllm.lora.peft_helper import PEFTHelper
 
+    from .merge_config import rank_message, serving_lora_config
+
+    limited = serving_lora_config(lora_config)
     try:
         peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": max_position_embeddings})
-        peft_helper.validate_legal(lora_config)
+        peft_helper.validate_legal(limited)
     except ValueError as e:
-        raise InvalidAdapter(name, str(e)) from None
+        why = str(e)
+        if limited is not lora_config and "max_lora_rank" in why:
+            why += rank_message(lora_config)
+        raise InvalidAdapter(name, why) from None
     return peft_helper
 
 

@@ -16,6 +16,9 @@ What it installs:
                   ledger; queued adapters load ahead unless LORAPLEX_QUEUE_PREFETCH=0) and fails
                   only the requests whose version is lost (engine_core.py)
   overlap         LORAPLEX_OVERLAP=1 on CUDA: LoRA shrink under the base GEMM (overlap.py)
+  merged mode     LORAPLEX_MERGE / LORAPLEX_MERGE_AUTO (merge_config.py): one adapter merged into the base
+                  weights, chosen by the engine core (engine_merge.py), applied by every worker
+                  (worker_merge.py); needs the catalog
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ CHECK_MODULE = "vllm.entrypoints.serve.engine.serving"
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 METRICS_MODULE = "vllm.entrypoints.serve.instrumentator.metrics"
 MANAGER_MODULE = "vllm.lora.model_manager"
+LINEAR_MODULE = "vllm.model_executor.layers.linear"
 
 _lock = threading.RLock()
 _installed: set[str] = set()
@@ -233,13 +237,19 @@ def install_worker_manager() -> None:
             module.LRUCacheWorkerLoRAManager = LoraplexWorkerLoRAManager
 
     def patch_runner(module):
-        from .worker_manager import patch_model_runner
+        from .runner_patch import patch_model_runner
 
         patch_model_runner(module)
+
+    def patch_linear(module):
+        from .merge_weights import install_cpu_weights
+
+        install_cpu_weights(module)
 
     after_import(MIXIN_MODULE, patch)
     for name in RUNNER_MODULES:
         after_import(name, patch_runner)
+    after_import(LINEAR_MODULE, patch_linear)
 
 
 def install_overlap() -> None:
@@ -291,8 +301,12 @@ def unregister() -> None:
         unpatch_engine_core()
         unpatch_layers()
         unwrap_loaded(MANAGER_MODULE, "LoRAModelManager", "_create_lora_modules")
+        if LINEAR_MODULE in sys.modules:
+            from .merge_weights import uninstall_cpu_weights
+
+            uninstall_cpu_weights()
         if any(name in sys.modules for name in RUNNER_MODULES):
-            from .worker_manager import unpatch_model_runners
+            from .runner_patch import unpatch_model_runners
 
             unpatch_model_runners()
         if ERRORS_MODULE in sys.modules or CHECK_MODULE in sys.modules:
@@ -302,7 +316,7 @@ def unregister() -> None:
             unpatch_request_checks()
         with _hooks._lock:
             for name in (SERVING_MODULE, MIXIN_MODULE, METRICS_MODULE, MANAGER_MODULE, CORE_MODULE, SCHEDULER_MODULE,
-                         LAYERS_MODULE, ERRORS_MODULE, CHECK_MODULE, *RUNNER_MODULES):
+                         LAYERS_MODULE, ERRORS_MODULE, CHECK_MODULE, LINEAR_MODULE, *RUNNER_MODULES):
                 _hooks._pending.pop(name, None)
         _installed.clear()
 

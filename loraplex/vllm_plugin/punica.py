@@ -92,6 +92,11 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         # ("bucket"). Without graphs (CPU) the step's own count ("exact").
         self._buckets = graph_buckets(config, self.max_loras) if dev.type == "cuda" else None
         self._bound = "exact" if dev.type != "cuda" else ("bucket" if self._buckets else "all")
+        # vLLM keys its CUDA graphs by whether a batch has adapters (cudagraph_specialize_lora, on by
+        # default): a graph captured with none replays only for batches with none (a batch of only the
+        # merged adapter, worker_merge.py), so it needs no LoRA launch at all.
+        comp = getattr(config, "compilation_config", None)
+        self._graphs_by_presence = bool(getattr(comp, "cudagraph_specialize_lora", False))
         # Two plans per step: per token (linear, embedding layers) and per sampled row (logits). The
         # rows' slots live in the buffers' own token_slots, so build() copies nothing in.
         self._bufs = {"token": PlanBuffers(cap, self.max_loras, dev),
@@ -224,8 +229,9 @@ class LoraplexPunicaWrapper(PunicaWrapperBase):
         self._fence.fill_(0)
 
     def _skip(self, kind) -> bool:
-        # No adapter in the batch: nothing to add (a CUDA graph being captured must hold the kernels).
-        return not self._adapters[kind] and not capturing()
+        # No adapter in the batch: nothing to add. A CUDA graph being captured holds the kernels unless
+        # vLLM replays it only for batches without adapters.
+        return not self._adapters[kind] and (self._graphs_by_presence or not capturing())
 
     def _shrink_out(self, n_slices, rows, R, device):
         """[n_slices, rows, R] fp32 for a shrink: a view of the scratch when it fits."""

@@ -103,7 +103,7 @@ class ResidencyReporter:
         return (tuple(am.lora_index_to_id), frozenset(am._registered_adapters.cache),
                 len(am._registered_adapters.pinned_items), len(am._active_adapters.pinned_items),
                 m._host.generation, sum(self.load_times.counts), len(m.ledger.keys()), m.failed_requests,
-                m.max_versions_in_step)
+                m.max_versions_in_step, getattr(m, "merge_switches", 0))
 
     def state(self) -> dict:
         m = self.manager
@@ -111,7 +111,11 @@ class ResidencyReporter:
         gpu_ids = set(am.lora_index_to_id)
         pinned = set(am._registered_adapters.pinned_items) | set(am._active_adapters.pinned_items)
         adapters = {}  # name -> (level, pinned, rank)
+        from .worker_merge import BASE_ID
+
         for lora_id in list(am._registered_adapters.cache):
+            if lora_id == BASE_ID:  # merged mode's base-model slot: not an adapter
+                continue
             name = m.adapter_name(lora_id)
             if name is not None:
                 level = "gpu" if lora_id in gpu_ids else "cpu"
@@ -132,6 +136,7 @@ class ResidencyReporter:
             "versions": {"held": len(m.ledger.keys()), "max_in_step": m.max_versions_in_step,
                          "failed_requests": m.failed_requests},
             "load_seconds": self.load_times.state(),
+            "merge": m.merge_state() if getattr(m, "_merger", None) is not None else None,  # merged mode on
         }
 
     def publish(self) -> None:

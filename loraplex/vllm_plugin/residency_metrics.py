@@ -13,6 +13,8 @@ residency scorer), under the names proposed upstream (vLLM #51433 / #54830 / #54
   loraplex_versions_held                            adapter versions held by unfinished requests (ledger.py)
   loraplex_versions_in_one_step_max                 most versions of one adapter name seen in one step
   loraplex_requests_failed_total                    requests failed because their adapter version was lost
+  loraplex_merged_adapter{adapter_name}             1 for the adapter merged into the base weights (merged mode)
+  loraplex_merge_switches_total, loraplex_merge_pristine_bytes   merged mode's switches and pristine copies
 
 A collector reads the snapshots the workers write (residency.py) at every scrape.
 """
@@ -78,6 +80,17 @@ class ResidencyCollector:
                                 value=versions.get("max_in_step", 0))
         yield CounterMetricFamily("loraplex_requests_failed", "Requests failed because the adapter version they "
                                   "started with could not be loaded", value=versions.get("failed_requests", 0))
+        merge = state.get("merge")
+        if merge:
+            merged = GaugeMetricFamily("loraplex_merged_adapter", "The LoRA adapter merged into the base weights "
+                                       "(merged mode; no series when none is)", labels=["adapter_name"])
+            if merge.get("merged"):
+                merged.add_metric([merge["merged"][0]], 1)
+            yield merged
+            yield CounterMetricFamily("loraplex_merge_switches", "Switches of the merged adapter (merges and "
+                                      "unmerges)", value=merge.get("switches", 0))
+            yield GaugeMetricFamily("loraplex_merge_pristine_bytes", "Host bytes of the base weights' pristine "
+                                    "copies kept while an adapter is merged", value=merge.get("pristine_bytes", 0))
 
 
 def register_collector(registry, directory: str | None = None) -> None:

@@ -125,14 +125,22 @@ class VllmTargets:
         t = self.stacked(module, which)[si][slot]
         return t[0] if t.dim() == 3 else t
 
-    def max_nbytes(self, quant: str | None = None) -> int:
-        """Bytes of the largest possible slab (every covered slice at max_lora_rank): the staging size."""
+    def max_nbytes(self, quant: str | None = None, rank: int | None = None, kinds=None) -> int:
+        """Bytes of the largest possible slab (every covered slice at max_lora_rank, or at `rank`; of
+        the modules of these `kinds` only, default all): the staging size."""
         elem = 1 if quant == "int8" else torch.empty((), dtype=self.dtype).element_size()
         total = 0
-        for module in self.kinds:
+        for module, kind in self.kinds.items():
+            if kinds is not None and kind not in kinds:
+                continue
             for which in "AB":
                 for si in range(len(self.stacked(module, which))):
                     rows, cols = self.slot_view(module, which, si, 0).shape
+                    if rank is not None:  # the rank runs along the rows of a linear A, else the columns
+                        if which == "A" and kind != "embedding":
+                            rows = min(rows, rank)
+                        else:
+                            cols = min(cols, rank)
                     total += -(-rows * cols * elem // ALIGN) * ALIGN
                     if quant == "int8":
                         total += -(-4 * max(rows, cols) // ALIGN) * ALIGN  # an upper bound on the rank

@@ -10,6 +10,9 @@ weights of modules the slab does not cover, none for common models), never a sec
 
 Adapters without a slab (vLLM's warm-up dummies, classification heads) keep vLLM's own path; the
 uploader then forgets what it knew of that slot, so the next slab upload there zeroes it whole.
+
+In merged mode (worker_merge.py) every upload appends the merged adapter's correction, a shell whose
+entry has no slab (the base-model slot) gets the correction alone, and a switch refills every slot.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LoraplexLoRAModelManager(LRUCacheLoRAModelManager):
             done = super().activate_adapter(lora_id)
             if done and self.uploader is not None:
                 self.uploader.forget(self.lora_index_to_id.index(lora_id))
+                self.slot_ranks.pop(lora_id, None)
             return done
         if lora_id in self._active_adapters:
             self._active_adapters.touch(lora_id)
@@ -51,6 +55,7 @@ class LoraplexLoRAModelManager(LRUCacheLoRAModelManager):
             self._active_adapters[lora_id] = None
             self.lora_index_to_id[index] = lora_id
             self.uploads.append((key, self.uploader.upload(entry.slab, index, wait_compute=self.between_steps)))
+            self.slot_ranks[lora_id] = self._rank(entry)
             if self.uploader.uncovered:
                 self._place_heads(lora, index)
                 self.uploader.place_uncovered(lora, index)
@@ -59,6 +64,10 @@ class LoraplexLoRAModelManager(LRUCacheLoRAModelManager):
             raise
         self._active_adapters.touch(lora_id)
         return True
+
+    def _rank(self, entry) -> int:
+        """The rank of what an upload of `entry` leaves in its slot (the correction's ranks included)."""
+        return self.uploader.slot_rank(None if entry.slab is None else entry.slab.layout)
 
     def _place_heads(self, lora, index: int) -> None:
         """Classification heads replaced per adapter (modules_to_save), as vLLM's activate_adapter
@@ -76,6 +85,7 @@ class LoraplexLoRAModelManager(LRUCacheLoRAModelManager):
 
     # ---- bookkeeping the worker manager drives ----------------------------------------------------
     uploads: list  # (key, UploadHandle) whose copies may still read the host slab
+    slot_ranks: dict  # lora id -> the rank its slot holds (set by each slab upload)
     release_slab = None  # key -> None: unlease
     between_steps = True  # an upload outside a step waits for everything enqueued (its slot's last reader
     # may be the step in flight, recorded by no event yet)
@@ -109,6 +119,29 @@ class LoraplexLoRAModelManager(LRUCacheLoRAModelManager):
         self.step_slots = self.slots_of(lora_ids)
         if self.uploader is not None and not capturing():
             self.uploader.make_ready(self.step_slots)
+
+    def refill(self) -> list[int]:
+        """Upload every occupied slot again, in place (merged mode switched: a slot holds its adapter
+        minus the merged one). Slots filled by vLLM's own path cannot carry a correction: they are
+        emptied. Returns the lora ids refilled."""
+        done = []
+        for index, lora_id in enumerate(self.lora_index_to_id):
+            if lora_id is None:
+                continue
+            lora = self._registered_adapters.get(lora_id)
+            key = getattr(lora, SHELL, None)
+            if key is None or self.uploader is None:
+                self.deactivate_adapter(lora_id)
+                continue
+            entry = self.lease_slab(lora)
+            try:
+                self.uploads.append((key, self.uploader.upload(entry.slab, index, wait_compute=True)))
+                self.slot_ranks[lora_id] = self._rank(entry)
+            except BaseException:
+                self.release_slab(key)
+                raise
+            done.append(lora_id)
+        return done
 
     def remove_all_adapters(self):
         super().remove_all_adapters()

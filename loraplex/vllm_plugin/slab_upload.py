@@ -19,6 +19,12 @@ copy costs one device-to-device pass over the slab (~4 TB/s against ~55 GB/s for
 2% of the miss) and keeps the copy at the adapter's real rank. The staging buffer is reserved once,
 at the largest slab size, before CUDA graphs are captured (reserve_staging).
 
+Merged mode (worker_merge.py): while an adapter M is merged into the base weights, every slot holds
+its adapter minus M. set_correction() copies M's negated slab to the device once per switch; from then
+on each upload places, after every piece of its own adapter (ranks [0, r)), M's piece of the same
+module and slice (ranks [r, r + r_M)), by device-to-device copies: still one host-to-device copy per
+miss. An upload of no slab (None) places M's pieces alone: the slot base-model requests use.
+
 Nothing here may run inside CUDA-graph capture (upload refuses); the stacked tensors are written in
 place, so captured graphs read the new weights at their next replay.
 """
@@ -60,6 +66,8 @@ class SlabUploader:
         self._ready: list = [None] * self.slots  # CUDA: event of the slot's last upload, until a step waited
         self._read: list = [None] * self.slots  # CUDA: event after the last step that read the slot
         self._warned_pageable = False
+        self._correction = None  # (layout, device bytes, host slab) of the merged adapter's negated slab
+        self._correction_dev: torch.Tensor | None = None
 
     # ---- what the slab leaves to vLLM ----------------------------------------------------------
     @property
@@ -123,10 +131,66 @@ class SlabUploader:
             else:
                 self._staging_buffer(nbytes)
 
+    # ---- merged mode: the correction every upload appends ------------------------------------------
+    def reserve_correction(self, nbytes: int) -> None:
+        """Allocate the device copy of the correction now (startup, before memory profiling)."""
+        with self._lock:
+            self._correction_buffer(nbytes)
+
+    def _correction_buffer(self, nbytes: int) -> torch.Tensor:
+        c = self._correction_dev
+        if c is None or c.numel() < nbytes:
+            if self.cuda and capturing():
+                raise RuntimeError("loraplex: correction buffer growth during CUDA-graph capture")
+            if self.cuda:
+                with torch.cuda.stream(self._stream):
+                    c = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            else:
+                c = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            self._correction_dev = c
+        return c
+
+    def set_correction(self, slab) -> None:
+        """Every later upload appends `slab`'s pieces (the merged adapter, B negated: correction_slab)
+        after its own adapter's; None: no correction. Call between steps, with no upload in flight that
+        may still read the old correction (a switch syncs the device first). Slots uploaded before
+        keep what they hold: the caller refills them."""
+        with self._lock:
+            self._views.clear()
+            if slab is None:
+                self._correction = None
+                return
+            layout = slab.layout
+            if layout.quant is not None or layout.dtype != self.targets.dtype:
+                raise ValueError(f"a correction must be packed unquantized in {self.targets.dtype}, got "
+                                 f"{layout.quant or layout.dtype}")
+            n = layout.nbytes
+            dev = self._correction_buffer(n)
+            if self.cuda:
+                with torch.cuda.stream(self._stream):  # uploads run on this stream: ordered after the copy
+                    dev[:n].copy_(slab.buffer[:n], non_blocking=True)
+            else:
+                dev[:n].copy_(slab.buffer[:n])
+            self._correction = (layout, dev, slab)  # the host slab stays referenced while it may be read
+
+    @property
+    def correction(self):
+        """The layout of the correction uploads append now, or None."""
+        return None if self._correction is None else self._correction[0]
+
+    def slot_rank(self, layout) -> int:
+        """The rank a slot holding `layout` (None: nothing of its own) has with the current correction:
+        the largest own + correction rank over its slices."""
+        own = {} if layout is None else {(p.module, p.which, p.slice): p.rank for p in layout.pieces}
+        corr = {} if self._correction is None else {(p.module, p.which, p.slice): p.rank
+                                                    for p in self._correction[0].pieces}
+        return max([own.get(k, 0) + corr.get(k, 0) for k in own.keys() | corr.keys()], default=0)
+
     # ---- the upload ----------------------------------------------------------------------------
     def upload(self, slab, slot: int, wait_compute: bool = False) -> UploadHandle:
         """Write `slab` into `slot` of every covered module. Keep the slab's host-cache lease until
-        the handle's query() is true (the copy reads the host buffer until then).
+        the handle's query() is true (the copy reads the host buffer until then). slab None: the
+        correction alone (merged mode's base-model slot).
 
         The placement waits for the slot's last reader (steps_enqueued). wait_compute=True also
         waits for everything enqueued on the compute stream so far: for uploads issued from another
@@ -135,16 +199,18 @@ class SlabUploader:
             raise IndexError(f"slot {slot} out of range (max_loras={self.slots})")
         if self.cuda and capturing():
             raise RuntimeError("loraplex: an adapter upload must never be captured in a CUDA graph")
-        layout = slab.layout
-        if layout.dtype != self.targets.dtype:
-            raise ValueError(f"slab {slab.key!r} is packed for {layout.dtype}, vLLM's LoRA dtype is "
+        if slab is None and self._correction is None:
+            raise ValueError("an upload of no slab needs a correction (merged mode)")
+        nbytes = 0 if slab is None else slab.layout.nbytes
+        if slab is not None and slab.layout.dtype != self.targets.dtype:
+            raise ValueError(f"slab {slab.key!r} is packed for {slab.layout.dtype}, vLLM's LoRA dtype is "
                              f"{self.targets.dtype}")
         if not self.cuda:
             t0 = time.perf_counter()
             with self._lock:
                 self._place(slab, slot)
-            return UploadHandle(seconds=time.perf_counter() - t0, nbytes=layout.nbytes)
-        if not self._warned_pageable and not slab.buffer.is_pinned():
+            return UploadHandle(seconds=time.perf_counter() - t0, nbytes=nbytes)
+        if slab is not None and not self._warned_pageable and not slab.buffer.is_pinned():
             self._warned_pageable = True
             log.warning("loraplex: slab %r is not in pinned memory: its copy blocks the host", slab.key)
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,33 +225,36 @@ class SlabUploader:
             self._place(slab, slot)
             done.record(self._stream)
             self._ready[slot] = done
-        return UploadHandle(start, done, keep=(slab.buffer,), nbytes=layout.nbytes)
+        return UploadHandle(start, done, keep=() if slab is None else (slab.buffer,), nbytes=nbytes)
 
     def _place(self, slab, slot: int) -> None:
-        layout = slab.layout
-        n = layout.nbytes
-        staging = self._staging_buffer(n)
-        staging[:n].copy_(slab.buffer[:n], non_blocking=self.cuda)  # the one host->device copy
-        dsts, srcs, scales = self._prepared(layout, slot)
-        zero = self._stale_blocks(layout, slot)
+        layout = None if slab is None else slab.layout
+        if layout is not None:
+            n = layout.nbytes
+            staging = self._staging_buffer(n)
+            staging[:n].copy_(slab.buffer[:n], non_blocking=self.cuda)  # the one host->device copy
+        dsts, srcs, scales, extent = self._prepared(layout, slot)
+        zero = self._stale_blocks(extent, slot)
         if zero:
             torch._foreach_zero_(zero)
-        if layout.quant is None:
-            torch._foreach_copy_(dsts, srcs)
-        else:
-            for p, d, q, s in zip(layout.pieces, dsts, srcs, scales, strict=True):
+        own = 0 if layout is None else len(layout.pieces)
+        if layout is not None and layout.quant is not None:
+            for p, d, q, s in zip(layout.pieces, dsts[:own], srcs[:own], scales[:own], strict=True):
                 dequantize_into(d, q, s, p.rank_dim)
-        self._extent[slot] = {(p.module, p.which, p.slice): (p.rows, p.cols) for p in layout.pieces}
+            dsts, srcs = dsts[own:], srcs[own:]
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        self._extent[slot] = extent
 
-    def _stale_blocks(self, layout, slot: int) -> list:
-        """Views of the slot that hold something the new adapter does not overwrite: all covered
-        blocks when the slot's contents are unknown, else what the previous upload wrote outside the
-        new pieces' blocks (a wider rank before, or a module the new adapter skips)."""
+    def _stale_blocks(self, new: dict, slot: int) -> list:
+        """Views of the slot that hold something the new upload does not overwrite (`new`: its extent
+        per (module, which, slice)): all covered blocks when the slot's contents are unknown, else what
+        the previous upload wrote outside the new blocks (a wider rank before, or a module the new
+        adapter skips)."""
         t = self.targets
         old = self._extent[slot]
         if old is None:
             return [v[slot] for m in t.kinds for w in "AB" for v in t.stacked(m, w)]
-        new = {(p.module, p.which, p.slice): (p.rows, p.cols) for p in layout.pieces}
         out = []
         for key, (ro, co) in old.items():
             rn, cn = new.get(key, (0, 0))
@@ -199,20 +268,43 @@ class SlabUploader:
         return [v for v in out if v.numel()]
 
     def _prepared(self, layout, slot: int):
-        """(destination blocks, staging sources, scales) of every piece; cached per layout shape and
-        slot, so a miss of a common layout builds no views (hundreds per adapter on a large model)."""
-        key = (layout.signature, slot, self._staging.data_ptr())
+        """(destination blocks, sources, scales, extent) of every piece, the adapter's own (from the
+        staging buffer) then the correction's (from its device copy, placed after the own piece's
+        rank); cached per layout shape and slot, so a miss of a common layout builds no views
+        (hundreds per adapter on a large model)."""
+        corr = self._correction
+        key = (None if layout is None else layout.signature, slot,
+               None if self._staging is None else self._staging.data_ptr(),
+               None if corr is None else (corr[0].signature, corr[1].data_ptr()))
         hit = self._views.get(key)
         if hit is not None:
             self._views.move_to_end(key)
             return hit
-        dsts, srcs, scales = [], [], []
-        for p in layout.pieces:
+        dsts, srcs, scales, extent, own = [], [], [], {}, {}
+        for p in () if layout is None else layout.pieces:
             dsts.append(self.targets.slot_view(p.module, p.which, p.slice, slot)[:p.rows, :p.cols])
             v, s = piece_view(self._staging, p, layout.dtype, layout.quant)
             srcs.append(v)
             scales.append(s)
-        hit = self._views[key] = (dsts, srcs, scales)
+            own[(p.module, p.which, p.slice)] = p.rank
+            extent[(p.module, p.which, p.slice)] = (p.rows, p.cols)
+        for p in () if corr is None else corr[0].pieces:
+            k = (p.module, p.which, p.slice)
+            at = own.get(k, 0)
+            view = self.targets.slot_view(p.module, p.which, p.slice, slot)
+            if p.rank_dim == 0:
+                dsts.append(view[at:at + p.rows, :p.cols])
+                rows, cols = at + p.rows, max(p.cols, extent.get(k, (0, 0))[1])
+            else:
+                dsts.append(view[:p.rows, at:at + p.cols])
+                rows, cols = max(p.rows, extent.get(k, (0, 0))[0]), at + p.cols
+            if rows > view.shape[0] or cols > view.shape[1]:
+                raise ValueError(f"module {p.module} ({p.which}, slice {p.slice}): the adapter's rank {at} plus the "
+                                 f"merged adapter's {p.rank} exceed the stacked tensors' {list(view.shape)}")
+            srcs.append(piece_view(corr[1], p, corr[0].dtype, None)[0])
+            scales.append(None)
+            extent[k] = (rows, cols)
+        hit = self._views[key] = (dsts, srcs, scales, extent)
         if len(self._views) > _VIEW_CACHE:
             self._views.popitem(last=False)
         return hit

@@ -18,7 +18,9 @@ subclass keeps vLLM's methods and behaviour and changes where adapters come from
 - the adapters a step needs are all started in parallel before vLLM adds them one by one;
 - unloading (vLLM's remove_lora) frees the GPU slot, vLLM's CPU copy and the host cache's;
 - the catalog (LORAPLEX_CATALOG) gives names (worker_catalog.py);
-- it tells our punica wrapper each slot's real rank, so kernels skip the zero padding.
+- it tells our punica wrapper each slot's real rank, so kernels skip the zero padding;
+- merged mode (worker_merge.py): one adapter version merged into the base weights on the engine
+  core's word, every slot holding its adapter minus the merged one, base requests in a slot of their own.
 
 The plugin installs it where vLLM's model runner looks it up (lora_model_runner_mixin).
 """
@@ -47,6 +49,7 @@ from .slab_layout import QUANTS, VllmTargets, pack_into
 from .slab_manager import SHELL, LoraplexLoRAModelManager
 from .slab_upload import SlabUploader
 from .worker_catalog import CatalogMixin
+from .worker_merge import BASE_ID, BASE_KEY, MergeMixin, is_base
 from .worker_requests import RequestsMixin
 
 log = logging.getLogger("loraplex.vllm_plugin")
@@ -88,7 +91,7 @@ def _without(mapping, lora_ids):
         prompt_mapping=tuple(0 if i in lora_ids else i for i in mapping.prompt_mapping))
 
 
-class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAManager):
+class LoraplexWorkerLoRAManager(MergeMixin, RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAManager):
     _manager_cls = LoraplexLoRAModelManager
 
     def __init__(self, *args, **kwargs):
@@ -113,6 +116,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         self.last_step_adapters: list[int] = []
         self.max_versions_in_step = 0  # most versions of one name in one step (metrics)
         self._init_requests()
+        self._init_merge()
 
     def create_lora_manager(self, *args, **kwargs):
         model = super().create_lora_manager(*args, **kwargs)
@@ -121,12 +125,18 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         uploader = SlabUploader(self._targets)
         uploader.reserve_staging(self._targets.max_nbytes(self._quant))  # before memory profiling and graphs
         manager.uploader, manager.uploads, manager.step_slots = uploader, [], []
-        manager.lease_slab, manager.release_slab = self._lease_slab, self._host.unlease
+        manager.lease_slab, manager.release_slab = self._lease_slab, self._release_slab
+        manager.slot_ranks = {}
+        self._setup_merge()
         self._pin_from_env()
         self._residency.publish()  # the slots are known now: routers see the replica before any traffic
         return model
 
     def remove_all_adapters(self):
+        if self._merged is not None:  # vLLM does this after replacing base weights (reload_weights)
+            log.error("loraplex: vLLM reset its LoRA state while '%s' is merged into the base weights; merged mode "
+                      "does not support weight updates: unmerge first (merge_adapter(llm, None))",
+                      self._merged.request.lora_name)
         super().remove_all_adapters()  # vLLM's warm-up ends with this: the pinned ones come back from host memory
         self._pin_from_env()
         self._residency.publish()
@@ -141,6 +151,8 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
     def _key(self, req: LoRARequest) -> tuple:
         """Host-cache key of the weights `req` means: (name, version token) for catalog requests,
         else (name, path, file signature)."""
+        if is_base(req):
+            return BASE_KEY
         path, token = split_path(req.lora_path)
         if token is not None:
             return (req.lora_name, token)
@@ -171,13 +183,21 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         """The slab cache's entry for a shell vLLM activates now, its slab leased (loaded again if the
         cache let it go: the requests on it hold its version, so it is still where it was resolved)."""
         key = getattr(shell, SHELL)
+        if key == BASE_KEY:  # merged mode's base-model slot: the correction alone
+            return SlabEntry(None, shell, 0)
         entry = self._host.lease(key)
         while entry is None:
             self._host.get(key, shell.loraplex_request)
             entry = self._host.lease(key)
         return entry
 
+    def _release_slab(self, key) -> None:
+        if key != BASE_KEY:
+            self._host.unlease(key)
+
     def _load_adapter(self, lora_request: LoRARequest):
+        if is_base(lora_request):
+            return self._base_shell()
         key = self._key(lora_request)
         entry = self._host.get(key, lora_request)
         self._ahead.pop(key, None)  # loaded ahead, and in use now
@@ -205,6 +225,8 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
             # the same weights: vLLM would re-read them at every step of every request carrying the flag
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
         added = super().add_adapter(lora_request)
+        if lora_id == self.merged_id:  # merged: its rows take no slot (a slot would hold M - M)
+            self._adapter_manager.deactivate_adapter(lora_id)
         if not self._in_step:  # add_lora from the API server; a step publishes once, at its end
             self._residency.publish()
         return added
@@ -237,7 +259,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         keys = {}
         for lora_id, req in reqs.items():
             keys[lora_id] = key = self._key(req)
-            if lora_id not in lost and (lora_id not in loaded or self._keys.get(lora_id) != key):
+            if lora_id not in lost and lora_id != BASE_ID and (lora_id not in loaded or self._keys.get(lora_id) != key):
                 self._host.prefetch(key, req)  # all in parallel; add_adapter waits for each
         for lora_id, req in reqs.items():
             if lora_id in lost:
@@ -254,7 +276,7 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
         return set(lost)
 
     def set_active_adapters(self, requests, mapping) -> None:
-        requests = self._step_requests(requests, mapping)
+        requests, mapping = self._merged_step(self._step_requests(requests, mapping), mapping)
         manager = self._adapter_manager
         manager.step_begins()
         self._in_step, manager.between_steps = True, False
@@ -278,7 +300,8 @@ class LoraplexWorkerLoRAManager(RequestsMixin, CatalogMixin, LRUCacheWorkerLoRAM
     def _publish_ranks(self) -> None:
         """Give our punica wrappers the real rank of every adapter in a GPU slot."""
         manager = self._adapter_manager
-        ranks = {i: self.adapter_rank(i) for i in manager.lora_index_to_id
+        held = getattr(manager, "slot_ranks", {})  # what each slot holds, correction included
+        ranks = {i: held[i] if i in held else self.adapter_rank(i) for i in manager.lora_index_to_id
                  if i is not None and manager.get_adapter(i) is not None}
         for wrapper in getattr(manager, "punica_wrapper_mapping", {}).values():
             if hasattr(wrapper, "adapter_ranks") and wrapper.adapter_ranks != ranks:
@@ -375,28 +398,3 @@ def call_worker_manager(llm, method: str, *args, **kwargs) -> list:
     call_worker_manager(llm, "prefetch_adapter", "my-adapter"); returns one result per worker.
     (Multi-process engines need VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the call.)"""
     return llm.collective_rpc(_invoke, args=(method, args, kwargs))
-
-
-def _wrap_execute_model(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        manager = getattr(self, "lora_manager", None)
-        if isinstance(manager, LoraplexWorkerLoRAManager):
-            manager.on_step(scheduler_output)
-        return orig(self, scheduler_output, *args, **kwargs)
-
-    return execute_model
-
-
-def patch_model_runner(module) -> None:
-    """Every step's scheduler output reaches the ledger before the runner takes it in."""
-    from ._hooks import wrap
-
-    wrap(module.GPUModelRunner, "execute_model", _wrap_execute_model)
-
-
-def unpatch_model_runners() -> None:
-    from ._hooks import unwrap_loaded
-    from .plugin import RUNNER_MODULES
-
-    for name in RUNNER_MODULES:
-        unwrap_loaded(name, "GPUModelRunner", "execute_model")

@@ -111,7 +111,8 @@ class RequestsMixin:
             if None not in manager.lora_index_to_id or len(manager) >= manager.capacity:
                 return
             key = self._key(req)
-            if req.lora_int_id in active or key not in self._host or key in self._lost:
+            if req.lora_int_id in active or key not in self._host or key in self._lost \
+                    or req.lora_int_id == self.merged_id:  # merged: its rows need no slot
                 continue
             try:
                 self.add_adapter(req)

@@ -100,8 +100,8 @@ def in_process_engine(tmp_path_factory, tiny_model_dir, adapter_source, label, e
     assert vllm_plugin.register() == {"kernels", "resolver", "serving", "worker_manager", "engine_core"}
     from vllm import LLM
 
-    llm = LLM(model=tiny_model_dir, enable_lora=True, max_lora_rank=16, dtype="float32", enforce_eager=True,
-              seed=0, **{"max_num_seqs": 4, **llm_kwargs})
+    llm = LLM(model=tiny_model_dir, enable_lora=True, seed=0,
+              **{"max_num_seqs": 4, "max_lora_rank": 16, "dtype": "float32", "enforce_eager": True, **llm_kwargs})
     try:
         yield SimpleNamespace(llm=llm, catalog=catalog, model=tiny_model_dir)
     finally:
