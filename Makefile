@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
-# Throwaway environments of the release checks, each made afresh by its target.
+# Throwaway environments of the release checks, each made afresh by its target and removed when its
+# check passes: the floors and newest venvs hold CUDA builds of torch (5-6 GB each), and CI's disk is
+# shared. Their installs skip pip's cache, which would keep a second copy of every wheel.
 VENVS := .venvs
+NOCACHE := --no-cache-dir
 # requires-python's floor, for the floors job (pyenv keeps one on these machines)
 PYTHON_FLOOR ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
 # The CPU suite without vLLM: what the floors and newest-release jobs run
@@ -71,9 +74,10 @@ smoke-wheel:
 	rm -rf $(VENVS)/wheel
 	$(PYTHON) -m venv $(VENVS)/wheel
 	$(VENVS)/wheel/bin/pip install -q --upgrade pip
-	$(VENVS)/wheel/bin/pip install -q torch==2.13.0
-	$(VENVS)/wheel/bin/pip install -q dist/loraplex-*.whl
+	$(VENVS)/wheel/bin/pip install -q $(NOCACHE) torch==2.13.0
+	$(VENVS)/wheel/bin/pip install -q $(NOCACHE) dist/loraplex-*.whl
 	cd "$$(mktemp -d)" && $(CURDIR)/$(VENVS)/wheel/bin/python $(CURDIR)/.ci/smoke_wheel.py $(CURDIR)
+	rm -rf $(VENVS)/wheel
 
 # Every floor pyproject.toml declares (.ci/floors.py: core, [s3], [watch], transformers, PEFT), on
 # requires-python's floor, then the CPU suite.
@@ -82,9 +86,10 @@ test-floors:
 	$(PYTHON_FLOOR) -m venv $(VENVS)/floors
 	$(VENVS)/floors/bin/pip install -q --upgrade pip
 	$(PYTHON) .ci/floors.py > $(VENVS)/floors.txt
-	$(VENVS)/floors/bin/pip install -q -c $(VENVS)/floors.txt "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
+	$(VENVS)/floors/bin/pip install -q $(NOCACHE) -c $(VENVS)/floors.txt "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
 	$(VENVS)/floors/bin/python .ci/versions.py $(VENVS)/floors.txt
 	$(VENVS)/floors/bin/pytest $(PYTEST_WHEEL) $(CPU_SUITE)
+	rm -rf $(VENVS)/floors
 
 # What a new user gets: the newest releases the ranges admit (no vLLM: it pins its own torch). This
 # machine's pip config caps torch at the 2.14.1 it keeps on disk; PIP_CONSTRAINT=/dev/null lifts that
@@ -93,9 +98,10 @@ test-newest:
 	rm -rf $(VENVS)/newest
 	$(PYTHON) -m venv $(VENVS)/newest
 	$(VENVS)/newest/bin/pip install -q --upgrade pip  # a current resolver: pip 23 backtracks for minutes here
-	PIP_CONSTRAINT=/dev/null $(VENVS)/newest/bin/pip install -q "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
+	PIP_CONSTRAINT=/dev/null $(VENVS)/newest/bin/pip install -q $(NOCACHE) "$$(ls dist/loraplex-*.whl)[dev,s3,watch]"
 	$(VENVS)/newest/bin/python .ci/versions.py --newest
 	LORAPLEX_AOT=0 $(VENVS)/newest/bin/pytest $(PYTEST_WHEEL) $(CPU_SUITE)  # sm_90 compile: the floors job
+	rm -rf $(VENVS)/newest
 
 clean:
 	rm -rf $(VENV) $(VENVS) dist .pytest_cache .ruff_cache .mypy_cache
