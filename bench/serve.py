@@ -10,6 +10,8 @@ Scenarios per server, after a warm-up (one base and one adapter request):
   skewed   `--hot-share` of the requests on `--hot` adapters, the rest uniform; vLLM's client draws
            adapters at random from its --lora-modules list, so the skew is written as hot names
            repeated in that list
+With `--before-tree DIR` (a checkout of an older loraplex), the system `loraplex-before` runs that tree's
+plugin in the same rounds (PYTHONPATH=DIR), for before/after comparisons: ratios loraplex / loraplex-before.
 Then `prefetch-off` / `prefetch-on`: loraplex with LORAPLEX_QUEUE_PREFETCH=0/1 under a load that queues
 (few sequences and slots, host cache and --max-cpu-loras of a few adapters): `queued-first` sends the
 first request of many distinct adapters, `queued-evicted` then the same adapters again, by now
@@ -44,7 +46,7 @@ import serve_procs as procs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CLI = str(HERE / "vllm_cli.py")
-MAIN_SYSTEMS = ("stock-modules", "stock-resolver", "loraplex")
+MAIN_SYSTEMS = ("stock-modules", "stock-resolver", "loraplex", "loraplex-before")
 PF_SYSTEMS = ("prefetch-off", "prefetch-on")
 SCENARIOS = ("cold", "uniform", "skewed")
 PF_SCENARIOS = ("queued-first", "queued-evicted")
@@ -118,6 +120,8 @@ def server_cmd(system, a, model, catalog, names, port):
     elif not cuda():
         env["LORAPLEX_BACKEND"] = "torch"  # the Triton interpreter is far too slow to serve with
     env.update(kv.split("=", 1) for kv in a.loraplex_env)
+    if system == "loraplex-before":
+        env["PYTHONPATH"] = a.before_tree  # ahead of the editable install of this checkout
     if pf:
         env["LORAPLEX_QUEUE_PREFETCH"] = "1" if system == "prefetch-on" else "0"
         env["LORAPLEX_HOST_CACHE_BYTES"] = str(a.pf_host_bytes)
@@ -245,6 +249,8 @@ def summarize(rows) -> tuple[dict, dict]:
                 d[f"{sc}.{m}"] = ratio("loraplex", stock, sc, m)
         for m in ("ttft_p50_ms", "ttft_p99_ms"):
             d[f"cold.{m}"] = ratio("loraplex", stock, "cold", m)
+    ratios["loraplex/loraplex-before"] = {f"{sc}.{m}": ratio("loraplex", "loraplex-before", sc, m)
+                                         for sc in SCENARIOS for m in ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms")}
     ratios["prefetch-on/prefetch-off"] = {f"{sc}.{m}": ratio("prefetch-on", "prefetch-off", sc, m)
                                          for sc in PF_SCENARIOS for m in ("ttft_p50_ms", "ttft_p99_ms", "output_tok_s")}
     return med, ratios
@@ -254,12 +260,13 @@ def plot(result, path, env):
     plt = common.pyplot()
     med = result["medians"]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    panels = [("output_tok_s", ("uniform", "skewed"), MAIN_SYSTEMS, "output tokens/s"),
-              ("ttft_p50_ms", SCENARIOS, MAIN_SYSTEMS, "TTFT p50 (ms)"),
-              ("ttft_p99_ms", SCENARIOS, MAIN_SYSTEMS, "TTFT p99 (ms)"),
+    shown = [s for s in MAIN_SYSTEMS if s in med]
+    panels = [("output_tok_s", ("uniform", "skewed"), shown, "output tokens/s"),
+              ("ttft_p50_ms", SCENARIOS, shown, "TTFT p50 (ms)"),
+              ("ttft_p99_ms", SCENARIOS, shown, "TTFT p99 (ms)"),
               ("ttft_p50_ms", PF_SCENARIOS, PF_SYSTEMS, "loraplex, requests queued: TTFT p50 (ms)")]
     for ax, (m, scs, systems, title) in zip(axes, panels, strict=True):
-        w = 0.8 / len(systems)
+        w = 0.8 / max(1, len(systems))
         for i, s in enumerate(systems):
             cells = [med.get(s, {}).get(sc, {}).get(m) or {} for sc in scs]
             vals = [c.get("median") or 0 for c in cells]
@@ -302,9 +309,10 @@ def main(argv=None):
     ap.add_argument("--pf-host-adapters", type=int, default=6, help="prefetch runs: host cache, in largest adapters")
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--startup-timeout", type=float, default=300)
-    ap.add_argument("--systems", default=",".join(MAIN_SYSTEMS + PF_SYSTEMS))
+    ap.add_argument("--systems", default=None, help="default: every system (loraplex-before with --before-tree)")
     ap.add_argument("--loraplex-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the loraplex servers (e.g. LORAPLEX_KERNELS=0), repeatable")
+    ap.add_argument("--before-tree", default=None, help="an older checkout: adds the system loraplex-before")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="result stem (default serve_cpu / serve_gpu, + _smoke)")
     a = ap.parse_args(argv)
@@ -326,7 +334,13 @@ def main(argv=None):
     work = Path(f"/tmp/loraplex-bench-serve/work-{os.getpid()}")
     work.mkdir(parents=True, exist_ok=True)
     env = common.env_info(argv if argv is not None else sys.argv)
-    systems = [s for s in a.systems.split(",") if s]
+    systems = [s for s in (a.systems or ",".join(MAIN_SYSTEMS + PF_SYSTEMS)).split(",") if s]
+    if a.before_tree:
+        a.before_tree = str(Path(a.before_tree).resolve())
+    elif "loraplex-before" in systems:
+        if a.systems:
+            ap.error("loraplex-before needs --before-tree")
+        systems.remove("loraplex-before")
     main_sys, pf_sys = [s for s in MAIN_SYSTEMS if s in systems], [s for s in PF_SYSTEMS if s in systems]
     rows, skipped, est, orders, round_s = [], [], 0.0, [], 0.0
     settings = {k: v for k, v in vars(a).items()}

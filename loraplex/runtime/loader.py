@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from ..catalog.reader import open_adapter
 from .slab import Slab, pack
+from .workers import loader_pool
 
 log = logging.getLogger("loraplex.runtime")
 
@@ -42,7 +43,7 @@ class Loader:
         self._lock = threading.Lock()
         self._loads: dict = {}  # key -> _Load, queued or running
         self.failures: dict = {}  # key -> exception of its last failed load (cleared on success)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraplex-load")
+        self._pool = loader_pool(workers)
         self.completed = 0
         self.failed = 0
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from ..runtime.arena import HostArena
 from ..runtime.host_cache import HostCache
 from ..runtime.policy import LRUPolicy
+from ..runtime.workers import loader_pool
 
 
 class SlabEntry:
@@ -46,7 +47,7 @@ class SlabCache:
         # count against it (the byte budget, the arena, is hard for everyone).
         self.max_entries = max_entries
         self.host = HostCache(self.arena.nbytes, None, LRUPolicy(), is_pinned=self._kept, arena=self.arena)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loraplex-load")
+        self._pool = loader_pool(workers)
         self._lock = threading.Lock()
         self._loading: dict[Hashable, Future] = {}
         self._extra: dict[Hashable, SlabEntry] = {}  # key -> entry (shell, rank) while its slab is cached

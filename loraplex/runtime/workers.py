@@ -1,0 +1,58 @@
+"""The loader pools: background threads that read adapters and pack slabs without taking the engine's cores.
+
+PyTorch runs a CPU op's parallel regions with the calling thread's OpenMP thread count. A pool thread
+packing a slab would start an OpenMP team of its own beside the engine's; on vLLM's CPU backend (its
+threads bound to its cores) that cost the engine a third of its tokens/s (bench/serve.py, uniform load
+over 128 adapters, 0.86 of the tree before; in one vllm.LLM, 245 against 360 tokens/s). The pool's
+work is copies bound by storage and memory anyway: each pool thread runs its ops on one OpenMP thread.
+Every other thread keeps its own count (OpenMP keeps it per thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger("loraplex.runtime")
+
+_setter = None  # omp_set_num_threads of the OpenMP runtime shipped with torch; False: none found
+_lock = threading.Lock()  # a pool's threads start together: one looks the runtime up, the others wait
+
+
+def _omp_set_num_threads():
+    global _setter
+    with _lock:
+        if _setter is None:
+            import torch
+
+            found = False
+            lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+            for path in sorted(glob.glob(os.path.join(lib, "lib*omp*"))):  # libgomp (Linux), libomp, libiomp5
+                try:
+                    found = ctypes.CDLL(path).omp_set_num_threads
+                    break
+                except (OSError, AttributeError):
+                    continue
+            if not found:
+                log.debug("no OpenMP runtime beside torch: loader threads keep torch's thread count")
+            _setter = found
+    return _setter or None
+
+
+def one_thread() -> None:
+    """Pool initializer: this thread's torch ops run on one OpenMP thread."""
+    import torch
+
+    torch.get_num_threads()  # torch's per-thread lazy init first: it would set the count again later
+    setter = _omp_set_num_threads()
+    if setter is not None:
+        setter(1)
+
+
+def loader_pool(workers: int) -> ThreadPoolExecutor:
+    _omp_set_num_threads()
+    return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loraplex-load", initializer=one_thread)
