@@ -4,9 +4,7 @@ A scan is one recursive listing (never a request per adapter); an adapter's vers
 the ETags and sizes of its two files. Weights are downloaded on demand into a local cache directory:
 into a temp dir first, checked against the listed version before and after, then renamed into
 `<cache_dir>/<name>/<version hash>/` in one step, so a reader never sees a partial or mixed copy.
-Materialized versions are immutable and evicted whole, least recently used first, to keep the cache
-within `cache_bytes`. One process owns a cache dir's budget (processes sharing one stay correct, since
-every write is an atomic rename, but each counts only its own bytes).
+Materialized versions are immutable; disk_cache.py keeps them within `cache_bytes`.
 """
 
 from __future__ import annotations
@@ -18,16 +16,11 @@ import os
 import posixpath
 import re
 import shutil
-import threading
-import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from ..errors import AdapterChanged, CapacityError, CatalogError, InvalidAdapter, InvalidAdapterName, StorageError
-from .localfs import alive as _alive
-from .localfs import dir_bytes as _dir_bytes
-from .localfs import listdir as _listdir
+from ..errors import AdapterChanged, CatalogError, InvalidAdapter, InvalidAdapterName, StorageError
+from .disk_cache import DiskCache
 from .names import check_name
 from .store import CONFIG_FILE, WEIGHT_FILES, StoredAdapter
 
@@ -39,7 +32,6 @@ _TAG_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "
              "created")
 _PLAIN_TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MD5 = re.compile(r"[0-9a-f]{32}")
-_TMP, _CONFIGS = ".tmp", ".configs"  # hidden, so never taken for adapter names
 
 
 @dataclass(frozen=True)
@@ -67,25 +59,9 @@ class RemoteStore:
         except Exception as e:  # noqa: BLE001 - unknown protocol, missing backend package, bad options
             raise CatalogError(f"catalog URL {self.root} cannot be opened: {_why(e)}") from None
         self._base = path.rstrip("/")  # _check_url refused an empty one
-        if int(cache_bytes) <= 0:
-            raise CatalogError(f"cache_bytes must be positive, got {cache_bytes}")
-        self.cache_bytes = int(cache_bytes)
         self.cache_dir = os.path.abspath(os.fspath(cache_dir or default_cache_dir(self.root)))
-        self._tmp = os.path.join(self.cache_dir, _TMP)
-        self._configs = os.path.join(self.cache_dir, _CONFIGS)
-        try:
-            os.makedirs(self._tmp, exist_ok=True)
-            os.makedirs(self._configs, exist_ok=True)
-        except OSError as e:
-            raise CatalogError(f"cache dir {self.cache_dir} for {self.root} cannot be created: {e}") from None
-        self._lock = threading.Lock()  # guards everything below
-        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # (name, vhash) -> bytes, oldest first
-        self._used = 0  # sum of self._lru's values
-        self._reserved = 0  # bytes of downloads in flight, counted against the budget before they land
-        self._busy: set[tuple[str, str]] = set()  # keys being materialized: never evicted
-        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._clean_tmp()
-        self._index_disk()
+        self._cache = DiskCache(self.cache_dir, cache_bytes, self.root)
+        self.cache_bytes = self._cache.cache_bytes
 
     # ---- listing --------------------------------------------------------------------------------
     def scan(self) -> tuple[dict[str, RemoteAdapter], dict[str, str]]:
@@ -169,7 +145,7 @@ class RemoteStore:
         for path, data in got.items():
             it = todo.get(path)
             if it is not None and isinstance(data, bytes) and _md5_matches(data, it):
-                self._write_atomic(self._config_cache(it), data)
+                self._cache.write_atomic(self._config_cache(it), data)
 
     def _item(self, name: str, files: dict[str, dict]) -> RemoteAdapter:
         check_name(name)
@@ -201,8 +177,7 @@ class RemoteStore:
                     return f.read(MAX_CONFIG_BYTES + 1)
             except OSError:
                 pass
-        url = f"{self.root}/{item.name}/{CONFIG_FILE}"
-        try:
+        with _storage_errors(item, f"read {self.root}/{item.name}/{CONFIG_FILE}"):
             data = self.fs.cat_file(item.config_path, start=0, end=MAX_CONFIG_BYTES + 1)
             # A single-part S3 upload's ETag is the MD5 of its bytes: a match proves we read this
             # version. Otherwise (multipart, SSE-KMS, other stores) a HEAD must still show it.
@@ -210,17 +185,11 @@ class RemoteStore:
                 info = self.fs.info(item.config_path)
                 if _tag(info) != item.config_tag or int(info["size"]) != len(data):
                     raise AdapterChanged(item.name, item.version, None)
-        except FileNotFoundError:
-            raise AdapterChanged(item.name, item.version, None) from None
-        except CatalogError:
-            raise
-        except Exception as e:  # noqa: BLE001 - backend-specific network errors
-            raise StorageError(item.name, f"cannot read {url}: {_why(e)}") from None
-        self._write_atomic(cached, data)
+        self._cache.write_atomic(cached, data)
         return data
 
     def _config_cache(self, item: RemoteAdapter) -> str:
-        return os.path.join(self._configs, _digest(f"{item.name}\0{item.config_tag}\0{item.config_size}"))
+        return os.path.join(self._cache.configs, _digest(f"{item.name}\0{item.config_tag}\0{item.config_size}"))
 
     def local_dir(self, item: StoredAdapter) -> str:
         check_name(item.name)  # the name becomes a path component: it must not leave the cache dir
@@ -239,161 +208,50 @@ class RemoteStore:
             raise AdapterChanged(item.name, version, item.version)
         final = self.local_dir(item)
         key = (item.name, os.path.basename(final))
-        with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # concurrent callers of one version share one download
-            if self._hit(item, key, final):
+        with self._cache.key_lock(key):  # concurrent callers of one version share one download
+            if self._cache.hit(key, final, lambda: _intact(item, final)):
                 return final
-            size = item.size_bytes + item.config_size
-            self._reserve(key, item.name, size)
-            done = False
-            try:
+            with self._cache.reserve(key, item.name, item.size_bytes + item.config_size):
                 self._download(item, final)
-                done = True
-            finally:
-                with self._lock:
-                    self._reserved -= size
-                    self._busy.discard(key)
-                    if done:
-                        self._used += size - self._lru.pop(key, 0)
-                        self._lru[key] = size
         return final
 
     def _download(self, item: RemoteAdapter, final: str) -> None:
-        tmp = self._new_tmp()
+        tmp = self._cache.new_tmp()
         try:
-            os.makedirs(tmp)
-            self._check_remote(item)
-            for rpath in (item.config_path, item.weights_path):
-                lpath = os.path.join(tmp, posixpath.basename(rpath))
-                self.fs.get_file(rpath, lpath)
-                os.chmod(lpath, 0o444)  # the copy is immutable: current_version() relies on it
-            self._check_remote(item)  # unchanged after the download: what we hold is this version
-            if not _intact(item, tmp):
-                raise OSError("the download was truncated (sizes differ from the listing)")
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            if os.path.lexists(final):  # a damaged earlier copy: replace it whole
-                shutil.rmtree(self._hide(final), ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _intact(item, final):  # else another process sharing the cache got there first
-                    raise
-        except CatalogError:
-            raise
-        except FileNotFoundError:
-            raise AdapterChanged(item.name, item.version, None) from None
-        except Exception as e:  # noqa: BLE001 - backend-specific network errors, local disk errors
-            raise StorageError(item.name, f"cannot download {self.root}/{item.name}: {_why(e)}") from None
+            with _storage_errors(item, f"download {self.root}/{item.name}"):
+                self._download_into(item, tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing partial survives a failure
+
+    def _download_into(self, item: RemoteAdapter, tmp: str, final: str) -> None:
+        os.makedirs(tmp)
+        self._check_remote(item)
+        for rpath in (item.config_path, item.weights_path):
+            lpath = os.path.join(tmp, posixpath.basename(rpath))
+            self.fs.get_file(rpath, lpath)
+            os.chmod(lpath, 0o444)  # the copy is immutable: current_version() relies on it
+        self._check_remote(item)  # unchanged after the download: what we hold is this version
+        if not _intact(item, tmp):
+            raise OSError("the download was truncated (sizes differ from the listing)")
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.lexists(final):  # a damaged earlier copy: replace it whole
+            shutil.rmtree(self._cache.hide(final), ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _intact(item, final):  # else another process sharing the cache got there first
+                raise
 
     def check_current(self, item: RemoteAdapter) -> None:
         """Raise AdapterChanged unless storage still holds this version (a HEAD of each file), or
         StorageError if it does not answer."""
-        try:
+        with _storage_errors(item, f"check {self.root}/{item.name}"):
             self._check_remote(item)
-        except FileNotFoundError:
-            raise AdapterChanged(item.name, item.version, None) from None
-        except CatalogError:
-            raise
-        except Exception as e:  # noqa: BLE001 - backend-specific network errors
-            raise StorageError(item.name, f"cannot check {self.root}/{item.name}: {_why(e)}") from None
 
     def _check_remote(self, item: RemoteAdapter) -> None:
         now = _version(self.fs.info(item.weights_path), self.fs.info(item.config_path))
         if now != item.version:
             raise AdapterChanged(item.name, item.version, now)
-
-    # ---- cache budget ---------------------------------------------------------------------------
-    def _reserve(self, key, name: str, size: int) -> None:
-        """Count `size` bytes against the budget, evicting least recently used versions first."""
-        if size > self.cache_bytes:
-            raise CapacityError(f"LoRA adapter '{name}' is {size} bytes, more than the whole cache budget "
-                                f"for {self.root} (cache_bytes={self.cache_bytes}); raise cache_bytes")
-        victims = []
-        with self._lock:
-            self._busy.add(key)
-            while self._used + self._reserved + size > self.cache_bytes:
-                victim = next((k for k in self._lru if k not in self._busy), None)
-                if victim is None:
-                    self._busy.discard(key)
-                    raise CapacityError(f"LoRA adapter '{name}' ({size} bytes) does not fit in the cache of "
-                                        f"{self.root}: downloads in flight fill cache_bytes={self.cache_bytes}")
-                self._used -= self._lru.pop(victim)
-                victims.append(self._hide(os.path.join(self.cache_dir, *victim)))
-            self._reserved += size
-        for path in victims:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _hit(self, item, key, path: str) -> bool:
-        """Is this version on disk? If so mark it most recently used. Under the lock, so an
-        eviction cannot remove it between the check and the caller's use."""
-        with self._lock:
-            if not _intact(item, path):
-                return False
-            if key not in self._lru:  # materialized by another process sharing the cache dir
-                self._lru[key] = _dir_bytes(path)
-                self._used += self._lru[key]
-            self._lru.move_to_end(key)
-        with contextlib.suppress(OSError):
-            os.utime(path)  # the LRU order survives a restart (see _index_disk)
-        return True
-
-    def _index_disk(self) -> None:
-        """Adopt the versions already materialized (oldest use first); trim to the budget."""
-        found = []
-        for name in _listdir(self.cache_dir):
-            if name.startswith("."):
-                continue
-            for vh in _listdir(os.path.join(self.cache_dir, name)):
-                path = os.path.join(self.cache_dir, name, vh)
-                with contextlib.suppress(OSError):
-                    found.append((os.stat(path).st_mtime_ns, (name, vh), _dir_bytes(path)))
-        for _, key, size in sorted(found):
-            self._lru[key] = size
-            self._used += size
-        while self._lru and self._used > self.cache_bytes:
-            key, size = self._lru.popitem(last=False)
-            self._used -= size
-            shutil.rmtree(self._hide(os.path.join(self.cache_dir, *key)), ignore_errors=True)
-
-    # ---- temp files -----------------------------------------------------------------------------
-    def _new_tmp(self) -> str:
-        # The pid lets a later process tell leftovers of a dead one from live downloads of another.
-        return os.path.join(self._tmp, f"{os.getpid()}-{uuid.uuid4().hex}")
-
-    def _hide(self, path: str) -> str:
-        """Move a version out of sight in one rename, so no reader finds it half deleted."""
-        dest = self._new_tmp()
-        try:
-            os.rename(path, dest)
-            return dest
-        except OSError:
-            return path
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        tmp = self._new_tmp()
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as e:  # the config cache only saves requests: failing to fill it is harmless
-            log.debug("cannot cache %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # still there only if writing failed
-
-    def _clean_tmp(self) -> None:
-        for entry in _listdir(self._tmp):
-            pid = entry.split("-", 1)[0]
-            if pid.isdigit() and _alive(int(pid)):
-                continue
-            path = os.path.join(self._tmp, entry)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
 
 
 def default_cache_dir(root: str) -> str:
@@ -445,6 +303,20 @@ def _intact(item: StoredAdapter, d: str) -> bool:
                 and os.path.getsize(os.path.join(d, posixpath.basename(item.weights_path))) == item.size_bytes)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _storage_errors(item: StoredAdapter, what: str):
+    """A file gone from storage means the version changed; any other backend error (each raises its
+    own types: botocore, aiohttp, OSError) is a StorageError naming the adapter."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise AdapterChanged(item.name, item.version, None) from None
+    except CatalogError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(item.name, f"cannot {what}: {_why(e)}") from None
 
 
 def _why(e: Exception) -> str:

@@ -223,7 +223,7 @@ def test_cache_budget_evicts_least_recently_used(s3, url, tmp_path):
     assert set(materialized(cache)) == {"gamma-r16", "beta-r8"} and disk_bytes(cache) <= budget
     # A second store on the same cache dir adopts what is there, trimmed to its (smaller) budget.
     store = RemoteStore(url, cache_dir=cache, cache_bytes=size["beta-r8"], storage_options=s3.storage_options())
-    assert set(materialized(cache)) == {"beta-r8"} and store._used == size["beta-r8"]
+    assert set(materialized(cache)) == {"beta-r8"} and store._cache._used == size["beta-r8"]
 
 
 def test_adapter_larger_than_the_budget(s3, url, tmp_path):
