@@ -147,3 +147,35 @@ def wait_for(pred, timeout=10.0, step=0.02):
             return True
         time.sleep(step)
     return pred()
+
+
+def read_header(path) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header and the data after it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_with_header(path, header: dict, data: bytes) -> None:
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + data)
+
+
+@contextlib.contextmanager
+def names_seen(cat):
+    """Poll cat.names() in a thread for the duration of the block; yields the set of every name seen."""
+    seen, stop = set(), threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            seen.update(cat.names())
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        reader.join()

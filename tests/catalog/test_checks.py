@@ -1,12 +1,10 @@
 """The weights check: adapters whose weight file does not fit its header or its config are never
 listed once a refresh has seen them, whether it checks them at once or in the background."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -15,25 +13,22 @@ from safetensors.torch import load_file
 from loraplex.catalog import Catalog, CatalogDiff, MemoryCatalog
 from loraplex.errors import InvalidAdapter
 
-from .helpers import PREFIX, lora_tensors, peft_config, publish, wait_for, write_adapter
+from .helpers import (
+    PREFIX,
+    lora_tensors,
+    names_seen,
+    peft_config,
+    publish,
+    read_header,
+    wait_for,
+    write_adapter,
+    write_with_header,
+)
 
 Q = "model.layers.0.self_attn.q_proj"
 QA, QB = f"{PREFIX}{Q}.lora_A.weight", f"{PREFIX}{Q}.lora_B.weight"
 WEIGHTS = "adapter_model.safetensors"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _header(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def _write_with_header(path, header, data):
-    h = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + data)
 
 
 def _truncated(d):
@@ -44,10 +39,10 @@ def _truncated(d):
 
 def _overlapping(d):
     write_adapter(d)
-    header, data = _header(d / WEIGHTS)
+    header, data = read_header(d / WEIGHTS)
     b, e = header[QB]["data_offsets"]
     header[QB]["data_offsets"] = [b - 512, e - 512]  # half over lora_A's bytes, a gap after it
-    _write_with_header(d / WEIGHTS, header, data)
+    write_with_header(d / WEIGHTS, header, data)
 
 
 def _wrong_rank(d):
@@ -115,22 +110,10 @@ def test_bad_adapters_never_appear_while_a_watcher_picks_them_up(tmp_path, stage
     root = tmp_path / "root"
     root.mkdir()
     cat = Catalog(root)
-    seen, stop = set(), threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            seen.update(cat.names())
-
-    reader = threading.Thread(target=poll)
-    reader.start()
-    try:
-        with cat.watch(interval=0.05, events=False):
-            for n in [*BAD, "good"]:
-                publish(staged / n, root, n)
-            assert wait_for(lambda: "good" in cat and len(cat.invalid()) == len(BAD), timeout=20)
-    finally:
-        stop.set()
-        reader.join()
+    with names_seen(cat) as seen, cat.watch(interval=0.05, events=False):
+        for n in [*BAD, "good"]:
+            publish(staged / n, root, n)
+        assert wait_for(lambda: "good" in cat and len(cat.invalid()) == len(BAD), timeout=20)
     seen.update(cat.names())
     assert seen == {"good"}
     for name in BAD:
@@ -203,15 +186,7 @@ def test_mass_publish_after_the_first_listing_is_held_out_until_checked(tmp_path
     publish(staged / "good", root, "good")
     cat = Catalog(root, sync_checks=1)
     assert cat.names() == ["good"]
-    seen, stop = set(), threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            seen.update(cat.names())
-
-    reader = threading.Thread(target=poll)
-    reader.start()
-    try:
+    with names_seen(cat) as seen:
         for n in BAD:
             publish(staged / n, root, n)
         for n in ("g2", "g3"):
@@ -219,9 +194,6 @@ def test_mass_publish_after_the_first_listing_is_held_out_until_checked(tmp_path
         diff = cat.refresh()  # 6 new adapters: more than sync_checks, so checked in the background
         assert diff.added == tuple(sorted([*BAD, "g2", "g3"]))
         assert cat.wait_checks(timeout=30)
-    finally:
-        stop.set()
-        reader.join()
     seen.update(cat.names())
     assert seen == {"good", "g2", "g3"}
     assert cat.names() == ["g2", "g3", "good"] and len(cat) == 3

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from loraplex.catalog import Catalog
 from loraplex.errors import InvalidAdapter
 
-from .helpers import PREFIX, lora_tensors, peft_config, write_adapter
+from .helpers import PREFIX, lora_tensors, peft_config, read_header, write_adapter, write_with_header
 
 Q = "model.layers.0.self_attn.q_proj"
 QA, QB = f"{PREFIX}{Q}.lora_A.weight", f"{PREFIX}{Q}.lora_B.weight"
@@ -43,24 +43,11 @@ def test_tensors_equal_an_independent_reader(catalog_dir, name):
     assert any(mw.embedding for mw in layout.values()) == (name == "beta-r8")
 
 
-def _header(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def _write_with_header(path, header, data):
-    h = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + data)
-
-
 def test_truncated_data(tmp_path):
     d = write_adapter(tmp_path / "cut")
     path = os.path.join(d, "adapter_model.safetensors")
     size = os.path.getsize(path)
-    header, data = _header(path)
+    header, data = read_header(path)
     n = size - 8 - len(data)
     os.truncate(path, size - 100)
     assert _load_error(tmp_path, "cut") == (
@@ -74,16 +61,16 @@ def test_truncated_data(tmp_path):
 def test_header_that_lies_about_sizes(tmp_path):
     d = write_adapter(tmp_path / "liar")
     path = os.path.join(d, "adapter_model.safetensors")
-    header, data = _header(path)
+    header, data = read_header(path)
     header[QA]["shape"] = [8, 64]  # claims twice the elements its data_offsets span
-    _write_with_header(path, header, data)
+    write_with_header(path, header, data)
     assert _load_error(tmp_path, "liar") == (
         f"adapter_model.safetensors is corrupt: tensor '{QA}': F32[8, 64] needs 2048 bytes but data_offsets span 1024")
-    header, _ = _header(path)
+    header, _ = read_header(path)
     header[QA]["shape"] = [4, 64]
     b, e = header[QB]["data_offsets"]
     header[QB]["data_offsets"] = [b + 4096, e + 4096]  # points past the end of the data
-    _write_with_header(path, header, data)
+    write_with_header(path, header, data)
     reason = _load_error(tmp_path, "liar")
     assert reason.startswith("adapter_model.safetensors is corrupt: tensor ") and "overlap or leave a gap" in reason
 
