@@ -3,8 +3,8 @@
 PyTorch runs a CPU op's parallel regions with the calling thread's OpenMP thread count. A pool thread
 packing a slab started an OpenMP team of its own beside the engine's; with more OpenMP threads than
 cores, libgomp shortens every team's spin-wait, so each parallel region of the engine's step paid a
-thread wake-up: one vllm.LLM on 2 cores, 128 adapters, uniform traffic, went from 360 to 245 tokens/s
-(0.68 of the tree before the slab cache); with one OpenMP thread per pool thread, 0.92. The pool's work
+thread wake-up: one vllm.LLM on 2 cores, 128 adapters, uniform traffic, fell to 0.60 of the tree before
+the slab cache (bench/inproc_ab.py); with one OpenMP thread per pool thread, 0.93. The pool's work
 is copies bound by storage and memory anyway. Every other thread keeps its own count (OpenMP keeps it
 per thread).
 """
