@@ -112,6 +112,9 @@ def test_queued_request_keeps_its_version_through_eviction_and_republish(server,
     def send(name):
         answers[name] = complete(server, name, PROMPT, 8)
 
+    # Earlier tests' versions are let go when their last requests finish: wait for that, so the count
+    # below rises only with this test's requests (a release during the wait would hide a new hold).
+    wait_for(lambda: gauge(server, "loraplex_versions_held") == 0, what="earlier versions to be let go")
     assert http(server.url + "/pause?mode=keep", {})[0] == 200
     try:
         threads = []
